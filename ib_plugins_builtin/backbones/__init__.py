@@ -1,0 +1,1 @@
+"""Built-in backbones (registered on import; torch is imported by the factories)."""

@@ -1,0 +1,1 @@
+"""Built-in losses (registered on import; torch is imported by the factories)."""

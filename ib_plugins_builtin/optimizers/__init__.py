@@ -1,0 +1,1 @@
+"""Built-in optimizers (registered on import; torch is imported by the factories)."""

@@ -1,0 +1,52 @@
+"""Turn ``(kind, name, params)`` into a component, checked against its kind's protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ibcore.context import BuildContext
+from ibcore.errors import ConfigError, ConfigIssue
+from ibcore.protocols import check
+from ibcore.registry import resolve
+
+
+def validate_params(kind: str, name: str, params: Mapping[str, Any] | BaseModel | None, path: str = "params") -> BaseModel:
+    """Validate ``params`` against the params model of the ``kind`` named ``name``."""
+    info = resolve(kind, name)
+    assert info.params is not None  # resolve(load=True) guarantees a loaded component
+    if isinstance(params, info.params):
+        return params
+    if isinstance(params, BaseModel):
+        params = params.model_dump()
+    try:
+        return info.params.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        from ibcore.config.errors import issues_from_validation_error
+
+        raise ConfigError(issues_from_validation_error(exc, prefix=path)) from None
+
+
+def build(
+    kind: str,
+    name: str,
+    params: Mapping[str, Any] | BaseModel | None = None,
+    *,
+    context: BuildContext | None = None,
+) -> Any:
+    """Build the ``kind`` named ``name`` (or ``provider:name``) with ``params`` for ``context``.
+
+    Raises :class:`~ibcore.errors.RegistryError` for an unknown name, :class:`ConfigError` for bad
+    params (paths start at ``params``) and :class:`~ibcore.errors.ProtocolError` when the result
+    lacks what its kind needs.
+    """
+    info = resolve(kind, name)
+    validated = validate_params(kind, name, params)
+    assert info.factory is not None
+    component = info.factory(validated, context if context is not None else BuildContext())
+    return check(info.kind, name, component)
+
+
+__all__ = ["build", "validate_params", "ConfigIssue"]

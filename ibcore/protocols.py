@@ -1,0 +1,240 @@
+"""One small Protocol per component kind, checked once when a component is built.
+
+Factories registered for a kind return an object that has these members; :func:`check` lists what
+is missing in one error instead of failing deep inside a training step. Nothing here imports torch
+at run time, so validating a config stays light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ibcore.errors import ProtocolError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+    """Per-sample augmentation of a tensor split, replayable in batch on the device.
+
+    Random crop of the original size from the image zero-padded by ``pad`` pixels, a horizontal
+    flip with probability 0.5 when ``flip``, then ``(x / 255 - mean) / std`` per channel.
+    """
+
+    pad: int = 0
+    flip: bool = False
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+
+@runtime_checkable
+class DataSplit(Protocol):
+    """One split (train, val or test). ``targets`` and ``class_counts`` never touch images."""
+
+    num_classes: int
+    targets: Sequence[int]
+    class_counts: Sequence[int]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
+
+
+@runtime_checkable
+class TensorSplit(DataSplit, Protocol):
+    """A split small enough to live on the device: the engine replays ``augment`` itself."""
+
+    augment: AugmentSpec
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """uint8 images (N, C, H, W) and int64 labels (N,), un-augmented."""
+        ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """What a dataset factory returns: its splits (``val`` may be ``None``)."""
+
+    num_classes: int
+    train: DataSplit
+    test: DataSplit
+    val: DataSplit | None
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """An index stream over the train split that is a pure function of (seed, epoch)."""
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """int64 indices into the train split for ``epoch`` (the same every time it is asked)."""
+        ...
+
+    def __len__(self) -> int:
+        """Number of indices per epoch."""
+        ...
+
+
+@runtime_checkable
+class Loss(Protocol):
+    """``loss(logits, targets, sample_weight=None) -> scalar``.
+
+    ``sample_weight`` (N,) multiplies each sample's term without changing the normaliser, so a
+    mixed batch's loss is ``loss(z, y_a, w) + loss(z, y_b, 1 - w)``.
+    """
+
+    def __call__(self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A classifier network (a ``torch.nn.Module``) with access to features and hidden layers."""
+
+    num_classes: int
+    feature_dim: int
+    num_mix_layers: int
+    classifier: Any
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def features(self, x: Tensor) -> Tensor:
+        """Features before the classifier, (N, feature_dim)."""
+        ...
+
+    def forward_mixed(self, x: Tensor, layer: int, mix: Callable[[Tensor], Tensor]) -> Tensor:
+        """Logits, with ``mix`` applied to the activations entering block ``layer`` (0 = input)."""
+        ...
+
+    def reset_classifier(self) -> None:
+        """Re-initialise the classifier (classifier re-training)."""
+        ...
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """An optimizer recipe: builds a torch optimizer and says the learning rate at any time."""
+
+    base_lr: float
+
+    def create(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer: ...
+
+    def lr_at(self, epoch: int, iteration: int, iters_per_epoch: int) -> float:
+        """The learning rate for a step: a pure function, so resuming needs no scheduler state."""
+        ...
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """torchmetrics-style metric: ``reset``, ``update`` per batch, ``compute`` at the end.
+
+    ``compute`` returns ``{name: value}``; percentages are in percent and their names end in
+    ``" (%)"``; non-scalar values (per-class lists, matrices) are allowed and left out of tables.
+    """
+
+    def reset(self) -> None: ...
+
+    def update(self, logits: Tensor, targets: Tensor) -> None: ...
+
+    def compute(self) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass
+class MixPlan:
+    """One draw of a mixer for one batch, shared by inputs (or activations) and targets.
+
+    Sample ``i`` is mixed with ``permutation[i]``; ``lam`` weighs the sample itself in the input;
+    ``target_weight[i]`` weighs its own label in the loss (the partner's label gets the rest);
+    ``layer`` is where to mix (0 = inputs); ``box`` is CutMix's (y0, y1, x0, x1).
+    """
+
+    permutation: Tensor
+    lam: float
+    target_weight: Tensor
+    layer: int = 0
+    box: tuple[int, int, int, int] | None = None
+
+
+@runtime_checkable
+class Mixer(Protocol):
+    """A batch-level mixer (mixup, CutMix, Remix, ...)."""
+
+    def active(self, epoch: int) -> bool:
+        """False in epochs where mixing is switched off (e.g. the last N epochs)."""
+        ...
+
+    def plan(self, x: Tensor, targets: Tensor, generator: torch.Generator) -> MixPlan: ...
+
+    def mix(self, x: Tensor, plan: MixPlan) -> Tensor: ...
+
+
+@runtime_checkable
+class Adjustment(Protocol):
+    """A post-hoc change of a trained model's logits at evaluation (tau-norm, logit adjustment)."""
+
+    def __call__(self, model: Any, features: Tensor, logits: Tensor) -> Tensor: ...
+
+
+PROTOCOLS: dict[str, type] = {
+    "dataset": Dataset,
+    "sampler": Sampler,
+    "loss": Loss,
+    "backbone": Backbone,
+    "optimizer": Optimizer,
+    "evaluator": Evaluator,
+    "mixer": Mixer,
+    "adjustment": Adjustment,
+}
+
+_METHODS: dict[str, tuple[str, ...]] = {
+    "dataset": (),
+    "sampler": ("indices", "__len__"),
+    "loss": ("__call__",),
+    "backbone": ("__call__", "features", "forward_mixed", "reset_classifier"),
+    "optimizer": ("create", "lr_at"),
+    "evaluator": ("reset", "update", "compute"),
+    "mixer": ("active", "plan", "mix"),
+    "adjustment": ("__call__",),
+}
+_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "dataset": ("num_classes", "train", "test", "val"),
+    "sampler": (),
+    "loss": (),
+    "backbone": ("num_classes", "feature_dim", "num_mix_layers", "classifier"),
+    "optimizer": ("base_lr",),
+    "evaluator": (),
+    "mixer": (),
+    "adjustment": (),
+}
+
+
+def required_methods(kind: str) -> tuple[str, ...]:
+    """Methods a component (or a registered class) of ``kind`` must define."""
+    return _METHODS.get(kind, ())
+
+
+def missing_members(kind: str, component: Any) -> list[str]:
+    """Names the ``kind`` protocol requires that ``component`` lacks (methods must be callable)."""
+    missing = [m for m in _METHODS[kind] if not callable(getattr(component, m, None))]
+    missing += [a for a in _ATTRIBUTES[kind] if not hasattr(component, a)]
+    return missing
+
+
+def check(kind: str, name: str, component: Any) -> Any:
+    """Return ``component`` if it follows the ``kind`` protocol, else raise :class:`ProtocolError`."""
+    missing = missing_members(kind, component)
+    if missing:
+        raise ProtocolError(
+            f"{kind} {name!r} built a {type(component).__name__} that does not follow the {kind} protocol; "
+            f"missing: {', '.join(missing)}."
+        )
+    return component
+
+
+def is_tensor_split(split: Any) -> bool:
+    """True if the engine can keep ``split`` on the device (it offers ``tensors()`` and ``augment``)."""
+    return callable(getattr(split, "tensors", None)) and isinstance(getattr(split, "augment", None), AugmentSpec)

@@ -1,0 +1,529 @@
+"""Component registries: one per kind, filled by decorators and by entry-point discovery.
+
+The core knows kinds, never component names. Built-in and third-party components arrive the same
+way: a distribution declares entry points in the group ``ibcore.<kind>s`` (``ibcore.losses``, ...),
+each named after one component and pointing at the module (or decorated object) that registers it.
+Discovery reads only metadata; a plugin module is imported the first time one of its components is
+described, validated or built, so ``ib list`` and ``ib validate`` stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import dataclasses
+import difflib
+import fnmatch
+import inspect
+import os
+import re
+import traceback
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ibcore.errors import PluginLoadError, RegistryError
+
+KINDS: tuple[str, ...] = (
+    "dataset",
+    "sampler",
+    "loss",
+    "backbone",
+    "optimizer",
+    "evaluator",
+    "mixer",
+    "adjustment",
+)
+PLURALS: dict[str, str] = {kind: ("losses" if kind == "loss" else kind + "s") for kind in KINDS}
+ENTRY_POINT_GROUPS: dict[str, str] = {kind: f"ibcore.{PLURALS[kind]}" for kind in KINDS}
+
+STRICT_ENV = "IB_STRICT_PLUGINS"
+DISABLE_ENV = "IB_DISABLE_PLUGINS"
+
+
+class RegistryWarning(UserWarning):
+    """Two providers offer the same component name."""
+
+
+class Params(BaseModel):
+    """Base class for component params: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Params):
+    """Params of a component that takes none."""
+
+
+Factory = Callable[[Any, Any], Any]
+
+
+@dataclasses.dataclass
+class ComponentInfo:
+    """Everything the registry knows about one component of one provider.
+
+    ``factory`` and ``params`` are ``None`` until the provider's module is imported; ``error`` holds
+    the reason when that import failed.
+    """
+
+    kind: str
+    name: str
+    provider: str
+    version: str | None = None
+    factory: Factory | None = None
+    params: type[BaseModel] | None = None
+    description: str = ""
+    citation: str | None = None
+    entry_point: str | None = None
+    error: PluginLoadError | None = None
+    _entry_point_obj: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def loaded(self) -> bool:
+        return self.factory is not None
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.provider}:{self.name}"
+
+    @property
+    def provider_label(self) -> str:
+        return f"{self.provider} {self.version}" if self.version else self.provider
+
+
+@dataclasses.dataclass
+class DistributionStatus:
+    """Load status of one distribution that declares ibcore entry points (for ``ib plugins``)."""
+
+    name: str
+    version: str | None
+    components: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (kind, name)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    disabled: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.disabled:
+            return "disabled"
+        return "failed" if self.errors else "ok"
+
+
+@dataclasses.dataclass
+class _State:
+    entries: dict[str, dict[str, dict[str, ComponentInfo]]]  # kind -> name -> provider -> info
+    distributions: dict[str, DistributionStatus]
+    discovered: bool = False
+
+
+_state = _State(entries={kind: {} for kind in KINDS}, distributions={})
+# Set while a distribution's entry point is being imported, so its decorators record that provider.
+_loading_provider: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "ibcore_loading_provider", default=None
+)
+
+
+def _normalise_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _check_kind(kind: str) -> str:
+    if kind in KINDS:
+        return kind
+    singular = {plural: k for k, plural in PLURALS.items()}.get(kind)
+    if singular:
+        return singular
+    raise RegistryError(f"Unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _disabled_distributions() -> set[str]:
+    raw = os.environ.get(DISABLE_ENV, "")
+    return {_normalise_dist(part) for part in raw.split(",") if part.strip()}
+
+
+def _entry_points(group: str) -> list[Any]:
+    try:
+        from importlib_metadata import entry_points
+    except ImportError:  # pragma: no cover - the dependency is declared; stdlib has the same API
+        from importlib.metadata import entry_points  # type: ignore[assignment]
+    return list(entry_points(group=group))
+
+
+def discover() -> None:
+    """Read every ``ibcore.*`` entry point (metadata only). Idempotent; cheap after the first call."""
+    if _state.discovered:
+        return
+    _state.discovered = True
+    disabled = _disabled_distributions()
+    for kind in KINDS:
+        for ep in _entry_points(ENTRY_POINT_GROUPS[kind]):
+            dist = getattr(ep, "dist", None)
+            dist_name = _normalise_dist(dist.name) if dist is not None else "unknown"
+            version = dist.version if dist is not None else None
+            status = _state.distributions.setdefault(dist_name, DistributionStatus(dist_name, version))
+            status.components.append((kind, ep.name))
+            if dist_name in disabled:
+                status.disabled = True
+                continue
+            providers = _state.entries[kind].setdefault(ep.name, {})
+            if dist_name in providers:
+                continue  # the same distribution seen twice on sys.path
+            if providers:
+                others = ", ".join(sorted(providers))
+                warnings.warn(
+                    f"{kind} {ep.name!r} is provided by both {others} and {dist_name}; "
+                    f"write '{dist_name}:{ep.name}' (or another provider) to choose one.",
+                    RegistryWarning,
+                    stacklevel=2,
+                )
+            providers[dist_name] = ComponentInfo(
+                kind=kind,
+                name=ep.name,
+                provider=dist_name,
+                version=version,
+                entry_point=ep.value,
+                _entry_point_obj=ep,
+            )
+    if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        failures = []
+        for info in _all_infos():
+            _ensure_loaded(info)
+            if info.error is not None:
+                failures.append(str(info.error))
+        if failures:
+            raise PluginLoadError(
+                f"{STRICT_ENV} is set and {len(failures)} plugin component(s) failed to load:\n  "
+                + "\n  ".join(failures)
+            )
+
+
+def _all_infos(kind: str | None = None) -> list[ComponentInfo]:
+    kinds = [kind] if kind else list(KINDS)
+    return [info for k in kinds for providers in _state.entries[k].values() for info in providers.values()]
+
+
+def _record_failure(info: ComponentInfo, message: str, cause: BaseException | None) -> None:
+    error = PluginLoadError(message)
+    if cause is not None:
+        error.__cause__ = cause
+    info.error = error
+    status = _state.distributions.get(info.provider)
+    if status is not None:
+        status.errors.append(message)
+
+
+def _ensure_loaded(info: ComponentInfo) -> None:
+    """Import the module behind a discovered entry point; record (never raise) a failure."""
+    if info.loaded or info.error is not None or info._entry_point_obj is None:
+        return
+    where = f"{info.kind} {info.name!r} from {info.provider_label} (entry point {info.entry_point!r})"
+    token = _loading_provider.set((info.provider, info.version))
+    try:
+        obj = info._entry_point_obj.load()
+    except Exception as exc:  # a plugin may raise anything at import; record it, keep going
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        _record_failure(info, f"{where} failed to load: {last}", exc)
+        return
+    finally:
+        _loading_provider.reset(token)
+    if isinstance(obj, types.ModuleType):
+        if not info.loaded:
+            # The module was imported before (directly, or before a registry snapshot was restored),
+            # so its decorators did not run again: adopt what they attached to the objects.
+            for value in vars(obj).values():
+                registered = getattr(value, "__ib_component__", None)
+                if isinstance(registered, ComponentInfo) and (registered.kind, registered.name) == (
+                    info.kind,
+                    info.name,
+                ):
+                    _adopt(info, registered)
+    else:
+        registered = getattr(obj, "__ib_component__", None)
+        if not isinstance(registered, ComponentInfo):
+            _record_failure(
+                info,
+                f"{where} resolved to {type(obj).__name__} {obj!r}, which is not an ibcore component; "
+                f"decorate it with @register_{info.kind}({info.name!r}, ...).",
+                None,
+            )
+            return
+        if (registered.kind, registered.name) != (info.kind, info.name):
+            _record_failure(
+                info,
+                f"{where} resolved to the {registered.kind} {registered.name!r}, not a {info.kind} "
+                f"named {info.name!r}.",
+                None,
+            )
+            return
+        if not info.loaded:
+            _adopt(info, registered)
+    if not info.loaded and info.error is None:
+        _record_failure(info, f"{where} was imported but did not register a {info.kind} named {info.name!r}.", None)
+
+
+def _adopt(info: ComponentInfo, registered: ComponentInfo) -> None:
+    info.factory, info.params = registered.factory, registered.params
+    info.description, info.citation = registered.description, registered.citation
+
+
+def _entry_point_owner(kind: str, name: str, module: str) -> ComponentInfo | None:
+    """The discovered, not yet loaded entry point for ``name`` whose module defines ``module``."""
+    for info in _state.entries[kind].get(name, {}).values():
+        if info.entry_point and not info.loaded:
+            ep_module = info.entry_point.split(":", 1)[0].strip()
+            if module == ep_module or module.startswith(ep_module + "."):
+                return info
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+
+
+def register(
+    kind: str,
+    name: str,
+    factory: Factory,
+    *,
+    params: type[BaseModel] = NoParams,
+    description: str | None = None,
+    citation: str | None = None,
+    replace: bool = False,
+) -> ComponentInfo:
+    """Register ``factory(params, context) -> component`` as the ``kind`` named ``name``."""
+    kind = _check_kind(kind)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
+        raise RegistryError(f"Invalid {kind} name {name!r}: use letters, digits, '_', '-' or '.'.")
+    if not (inspect.isclass(params) and issubclass(params, BaseModel)):
+        raise RegistryError(f"{kind} {name!r}: params must be a pydantic model class, got {params!r}.")
+    if params.model_config.get("extra") != "forbid":
+        raise RegistryError(
+            f"{kind} {name!r}: params model {params.__name__} must forbid unknown keys so typos are caught; "
+            "derive it from ibcore.Params or set model_config = ConfigDict(extra='forbid')."
+        )
+    if not callable(factory):
+        raise RegistryError(f"{kind} {name!r}: the registered object {factory!r} is not callable.")
+    if inspect.isclass(factory):
+        from ibcore.protocols import required_methods  # protocols imports nothing heavy
+
+        missing = [m for m in required_methods(kind) if not callable(getattr(factory, m, None))]
+        if missing:
+            raise RegistryError(
+                f"{kind} {name!r}: class {factory.__name__} does not follow the {kind} protocol; "
+                f"missing: {', '.join(missing)}."
+            )
+    loading = _loading_provider.get()
+    if loading is None:
+        discover()  # so that replace=True overrides an installed component for good
+        module = getattr(factory, "__module__", "?")
+        owner = _entry_point_owner(kind, name, module)
+        if owner is not None:  # a plugin module imported directly: credit its distribution
+            provider, version = owner.provider, owner.version
+        else:
+            provider, version = f"local:{module}", None
+    else:
+        provider, version = loading
+    doc = (description or inspect.getdoc(factory) or "").strip().splitlines()
+    info = ComponentInfo(
+        kind=kind,
+        name=name,
+        provider=provider,
+        version=version,
+        factory=factory,
+        params=params,
+        description=doc[0] if doc else "",
+        citation=citation,
+    )
+    providers = _state.entries[kind].setdefault(name, {})
+    existing = providers.get(provider)
+    if replace:
+        providers.clear()
+    elif existing is not None and existing.loaded:
+        raise RegistryError(
+            f"{kind} {name!r} is already registered by {existing.provider_label}; "
+            "pass replace=True to register it again."
+        )
+    elif loading is None and providers and provider not in providers:
+        others = ", ".join(sorted(p.provider_label for p in providers.values()))
+        raise RegistryError(
+            f"{kind} {name!r} is already provided by {others}; choose another name or pass replace=True "
+            "to override it in this process."
+        )
+    if existing is not None and not replace:
+        info.entry_point, info._entry_point_obj = existing.entry_point, existing._entry_point_obj
+    providers[provider] = info
+    return info
+
+
+T = TypeVar("T")
+
+
+def _decorator(kind: str) -> Callable[..., Callable[[T], T]]:
+    def register_kind(
+        name: str,
+        params: type[BaseModel] = NoParams,
+        *,
+        description: str | None = None,
+        citation: str | None = None,
+        replace: bool = False,
+    ) -> Callable[[T], T]:
+        def wrap(factory: T) -> T:
+            info = register(
+                kind,
+                name,
+                factory,  # type: ignore[arg-type]
+                params=params,
+                description=description,
+                citation=citation,
+                replace=replace,
+            )
+            try:
+                factory.__ib_component__ = info  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):  # builtins and slotted objects cannot take attributes
+                pass
+            return factory
+
+        return wrap
+
+    register_kind.__name__ = f"register_{kind}"
+    register_kind.__doc__ = (
+        f"Decorator: register a {kind} factory ``f(params, context)`` (or class) under ``name``.\n\n"
+        f"``params`` is a pydantic model (derive from ibcore.Params); ``description`` defaults to the\n"
+        f"first docstring line; ``citation`` names the paper; ``replace=True`` overrides an existing name."
+    )
+    return register_kind
+
+
+register_dataset = _decorator("dataset")
+register_sampler = _decorator("sampler")
+register_loss = _decorator("loss")
+register_backbone = _decorator("backbone")
+register_optimizer = _decorator("optimizer")
+register_evaluator = _decorator("evaluator")
+register_mixer = _decorator("mixer")
+register_adjustment = _decorator("adjustment")
+
+
+# --------------------------------------------------------------------------------------------
+# Lookup
+
+
+def _failed_plugins() -> list[str]:
+    return [err for status in _state.distributions.values() for err in status.errors]
+
+
+def _unknown_name_error(kind: str, name: str) -> RegistryError:
+    plural = PLURALS[kind]
+    names = sorted(_state.entries[kind])
+    lines = [f"Unknown {kind} {name!r}."]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if close:
+        lines[0] += f" Did you mean: {', '.join(close)}?"
+    if names:
+        listed = [
+            f"{n} ({', '.join(sorted(p.provider_label for p in _state.entries[kind][n].values()))})" for n in names
+        ]
+        lines.append(f"Available {plural}: {', '.join(listed)}.")
+    else:
+        lines.append(f"No {plural} are installed (is ib_plugins_builtin installed, or a plugin missing?).")
+    failed = _failed_plugins()
+    if failed:
+        lines.append("Plugins that failed to load:\n  " + "\n  ".join(failed))
+    return RegistryError("\n".join(lines))
+
+
+def resolve(kind: str, name: str, *, load: bool = True) -> ComponentInfo:
+    """Find one component by ``name`` or ``provider:name``; import its module unless ``load=False``.
+
+    Raises :class:`RegistryError` for an unknown or ambiguous name and, with ``load``, for a
+    component whose plugin failed to load (chained to the original exception).
+    """
+    kind = _check_kind(kind)
+    discover()
+    provider: str | None = None
+    base = name
+    if ":" in name:
+        provider, base = name.rsplit(":", 1)
+    providers = _state.entries[kind].get(base)
+    if not providers:
+        raise _unknown_name_error(kind, name)
+    if provider is not None:
+        wanted = provider if provider.startswith("local:") else _normalise_dist(provider)
+        info = providers.get(wanted)
+        if info is None:
+            raise RegistryError(
+                f"{kind} {base!r} has no provider {provider!r}; providers: {', '.join(sorted(providers))}."
+            )
+    elif len(providers) > 1:
+        options = ", ".join(f"'{p}:{base}'" for p in sorted(providers))
+        raise RegistryError(
+            f"{kind} {base!r} is provided by {len(providers)} plugins; write one of {options} to choose."
+        )
+    else:
+        info = next(iter(providers.values()))
+    if load:
+        _ensure_loaded(info)
+        if info.error is not None:
+            raise RegistryError(f"{kind} {name!r} cannot be used: {info.error}") from info.error.__cause__
+    return info
+
+
+def available(kind: str) -> list[str]:
+    """Names of every discovered component of ``kind`` (nothing is imported)."""
+    kind = _check_kind(kind)
+    discover()
+    return sorted(_state.entries[kind])
+
+
+def list_components(kind: str | None = None, pattern: str | None = None, *, load: bool = True) -> list[ComponentInfo]:
+    """Every component (optionally of one kind, names matching a shell ``pattern``), sorted.
+
+    With ``load`` the plugin modules are imported so descriptions are known; failures are recorded
+    on the returned entries (``error``), never raised.
+    """
+    discover()
+    kind = _check_kind(kind) if kind else None
+    infos = [
+        info for info in _all_infos(kind) if pattern is None or fnmatch.fnmatchcase(info.name, pattern)
+    ]
+    if load:
+        for info in infos:
+            _ensure_loaded(info)
+    return sorted(infos, key=lambda i: (KINDS.index(i.kind), i.name, i.provider))
+
+
+def distributions() -> list[DistributionStatus]:
+    """Every distribution that declares ibcore entry points, after trying to load all of them."""
+    list_components(load=True)
+    return sorted(_state.distributions.values(), key=lambda d: d.name)
+
+
+@contextlib.contextmanager
+def registry_snapshot() -> Iterator[None]:
+    """Snapshot every registry and restore it on exit, so a test's registrations do not leak."""
+    global _state
+    saved = _State(
+        entries={
+            kind: {name: {p: copy.copy(i) for p, i in providers.items()} for name, providers in names.items()}
+            for kind, names in _state.entries.items()
+        },
+        distributions=copy.deepcopy(_state.distributions),
+        discovered=_state.discovered,
+    )
+    try:
+        yield
+    finally:
+        _state = saved
+
+
+def reset_discovery() -> None:
+    """Forget every registration and discovery (for tests that change the installed plugins)."""
+    global _state
+    _state = _State(entries={kind: {} for kind in KINDS}, distributions={})
