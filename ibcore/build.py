@@ -13,7 +13,9 @@ from ibcore.protocols import check
 from ibcore.registry import resolve
 
 
-def validate_params(kind: str, name: str, params: Mapping[str, Any] | BaseModel | None, path: str = "params") -> BaseModel:
+def validate_params(
+    kind: str, name: str, params: Mapping[str, Any] | BaseModel | None, path: str = "params"
+) -> BaseModel:
     """Validate ``params`` against the params model of the ``kind`` named ``name``."""
     info = resolve(kind, name)
     assert info.params is not None  # resolve(load=True) guarantees a loaded component

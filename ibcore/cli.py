@@ -1,0 +1,216 @@
+"""The ``ib`` command: list, plugins, validate, schema, run, resume, report.
+
+Every error a user can cause ends as a message on stderr and exit code 1, never a traceback
+(``IB_DEBUG=1`` shows the traceback for bug reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ibcore import __version__
+from ibcore.errors import ConfigError, IbError
+from ibcore.registry import KINDS, PLURALS, RegistryWarning, _check_kind, distributions, list_components
+
+_KIND_ARGS = sorted(set(KINDS) | set(PLURALS.values()))
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    infos = list_components(args.kind, args.pattern, load=True)
+    console = _console()
+    kinds = [_check_kind(args.kind)] if args.kind else list(KINDS)
+    for kind in kinds:
+        rows = [i for i in infos if i.kind == kind]
+        table = Table(title=f"{PLURALS[kind]} ({len(rows)})", title_justify="left", expand=False)
+        table.add_column("name", style="bold")
+        table.add_column("provider")
+        table.add_column("description")
+        if args.citations:
+            table.add_column("citation")
+        for info in rows:
+            description = info.description if info.error is None else "[red]failed to load: see `ib plugins`[/red]"
+            cells = [info.name, info.provider_label, description]
+            if args.citations:
+                cells.append(info.citation or "")
+            table.add_row(*cells)
+        if not rows:
+            table.add_row(f"[dim]no {PLURALS[kind]} installed[/dim]", "", "")
+        console.print(table)
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    console = _console()
+    dists = distributions()
+    if not dists:
+        console.print("No plugin distributions are installed (no ibcore.* entry points found).")
+        return 0
+    table = Table(title="plugin distributions", title_justify="left")
+    table.add_column("distribution", style="bold")
+    table.add_column("version")
+    table.add_column("status")
+    table.add_column("components")
+    for dist in dists:
+        colour = {"ok": "green", "failed": "red", "disabled": "yellow"}[dist.status]
+        table.add_row(dist.name, dist.version or "?", f"[{colour}]{dist.status}[/{colour}]", str(len(dist.components)))
+    console.print(table)
+    for dist in dists:
+        for error in dist.errors:
+            console.print(f"[red]{dist.name}[/red]: {error}", markup=True)
+    local = [i for i in list_components(load=False) if i.provider.startswith("local:")]
+    if local:
+        console.print("Registered in this process: " + ", ".join(f"{i.kind} {i.qualified_name}" for i in local))
+    return 0
+
+
+def _print_config_error(error: ConfigError, console: Console) -> None:
+    where = f" in {error.source}" if error.source else ""
+    console.print(f"[red]✗[/red] {len(error.issues)} error{'s' if len(error.issues) != 1 else ''}{where}:")
+    for issue in error.issues:
+        console.print(f"  [bold]{issue.path or '<file>'}[/bold]: {issue.message}", markup=True, highlight=False)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from ibcore.config import load_experiment
+
+    console = _console()
+    failed = False
+    for path in args.configs:
+        try:
+            experiment = load_experiment(path, overrides=args.set)
+        except ConfigError as exc:
+            failed = True
+            if exc.source is None:
+                exc.source = path
+            _print_config_error(exc, console)
+        else:
+            console.print(f"[green]✓[/green] {path}: valid ({len(experiment.runs)} runs: "
+                          f"{', '.join(r.name for r in experiment.runs)})")
+    return 1 if failed else 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from ibcore.config import experiment_json_schema
+
+    text = json.dumps(experiment_json_schema(), indent=2, sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        _console(stderr=True).print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ibcore.engine import run
+
+    run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from ibcore.engine import resume
+
+    resume(args.run_dir, quiet=args.quiet)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ibcore.report import render_run_dir
+
+    render_run_dir(args.run_dir, console=_console())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ib",
+        description="Compare class-imbalance (long-tail) methods on equal footing; add new ones as plugins.",
+    )
+    parser.add_argument("--version", action="version", version=f"ibcore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list installed components", description="List installed components.")
+    p.add_argument("kind", nargs="?", choices=_KIND_ARGS, metavar="KIND", help=f"one of: {', '.join(KINDS)}")
+    p.add_argument("pattern", nargs="?", help="shell-style name pattern, e.g. 'resnet*'")
+    p.add_argument("--citations", action="store_true", help="show the paper of each component")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("plugins", help="plugin distributions and their load status",
+                       description="Show every distribution that provides components, its version and load errors.")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("validate", help="check configs without running them",
+                       description="Validate experiment configs; exit 1 and print every error if any is invalid.")
+    p.add_argument("configs", nargs="+", metavar="CONFIG")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a value")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("schema", help="JSON Schema of the config format",
+                       description="Export a JSON Schema of the config, including every installed component's params.")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("run", help="train every run of an experiment",
+                       description="Validate CONFIG in full, then train all its runs together.")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--out", help="parent folder of the run directory (overrides trainer.out_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a value, e.g. trainer.epochs=5 or runs.ce.loss.params.gamma=2")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("resume", help="continue an interrupted experiment",
+                       description="Resume RUN_DIR from its latest valid checkpoint to the same final numbers.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("report", help="re-render tables and plots of a run directory",
+                       description="Re-render results tables (and plots, with matplotlib) from RUN_DIR's files.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    func: Callable[[argparse.Namespace], int] = args.func
+    err = _console(stderr=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RegistryWarning)
+        warnings.showwarning = lambda message, *_a, **_k: err.print(f"[yellow]warning:[/yellow] {message}")
+        try:
+            return func(args)
+        except ConfigError as exc:
+            _print_config_error(exc, err)
+            return 1
+        except IbError as exc:
+            if os.environ.get("IB_DEBUG"):
+                raise
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            return 1
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

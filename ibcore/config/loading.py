@@ -1,0 +1,93 @@
+"""Read a YAML experiment file safely, with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ibcore.errors import ConfigError, ConfigIssue
+
+MAX_FILE_BYTES = 5 * 1024 * 1024
+MAX_NODES = 200_000  # after alias expansion: a config is small; a "billion laughs" file is not
+MAX_DEPTH = 64
+
+
+class _LimitedSafeLoader(yaml.SafeLoader):
+    """SafeLoader (no Python object tags) that refuses alias bombs and absurd nesting."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._constructed = 0
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        self._constructed += 1
+        if self._constructed > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the document expands to more than {MAX_NODES} values (alias bomb?)", node.start_mark
+            )
+        return super().construct_object(node, deep=deep)
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML ``text`` (from ``source``) with the safe loader; raise ConfigError on failure."""
+    try:
+        loader = _LimitedSafeLoader(text)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "could not determine a constructor" in str(exc):
+            problem = "YAML tags that construct Python objects are not allowed (safe loader)"
+        raise ConfigError([ConfigIssue("", f"not valid YAML{where}: {problem}")], source=source) from None
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", "the YAML is nested too deeply")], source=source) from None
+    if _depth(data) > MAX_DEPTH:
+        raise ConfigError([ConfigIssue("", f"the YAML is nested more than {MAX_DEPTH} levels deep")], source=source)
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read an experiment mapping from ``path``: UTF-8 YAML whose top level is a mapping."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError([ConfigIssue("", f"config file {what}")], source=source)
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigError([ConfigIssue("", f"config file is larger than {MAX_FILE_BYTES // 1024} KiB")], source=source)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue("", f"config file is not UTF-8 text (byte {exc.start} is invalid)")], source=source
+        ) from None
+    data = parse_yaml(text, source)
+    if data is None:
+        raise ConfigError([ConfigIssue("", "config file is empty; expected a mapping with data and runs")], source)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [ConfigIssue("", f"the top level must be a mapping (key: value), not a {type(data).__name__}")], source
+        )
+    return data

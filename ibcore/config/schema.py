@@ -1,0 +1,154 @@
+"""The experiment config (DESIGN.md §5) as pydantic models: the public contract of a YAML file.
+
+Components are ``{name, params}``; a component's params are checked against its own params model
+in a second pass (:mod:`ibcore.config.validation`), once the registry knows the name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(_Strict):
+    """``{name, params}``: a registered component and its parameters."""
+
+    name: str = Field(min_length=1, description="Registered name, or 'provider:name' to pick a provider.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Checked against the component's params model.")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+# One subclass per kind, so the JSON Schema can describe each kind's components separately.
+class DatasetSpec(ComponentSpec):
+    """A registered dataset."""
+
+
+class SamplerSpec(ComponentSpec):
+    """A registered sampler."""
+
+
+class LossSpec(ComponentSpec):
+    """A registered loss."""
+
+
+class BackboneSpec(ComponentSpec):
+    """A registered backbone."""
+
+
+class OptimizerSpec(ComponentSpec):
+    """A registered optimizer with its learning-rate schedule."""
+
+
+class EvaluatorSpec(ComponentSpec):
+    """A registered evaluator."""
+
+
+class MixerSpec(ComponentSpec):
+    """A registered mixer."""
+
+
+class AdjustmentSpec(ComponentSpec):
+    """A registered post-hoc adjustment."""
+
+
+SPEC_KINDS: dict[type[ComponentSpec], str] = {
+    DatasetSpec: "dataset",
+    SamplerSpec: "sampler",
+    LossSpec: "loss",
+    BackboneSpec: "backbone",
+    OptimizerSpec: "optimizer",
+    EvaluatorSpec: "evaluator",
+    MixerSpec: "mixer",
+    AdjustmentSpec: "adjustment",
+}
+
+
+class DataConfig(_Strict):
+    dataset: DatasetSpec
+    batch_size: int = Field(128, ge=1, le=1 << 20, description="Training batch size (per process).")
+    eval_batch_size: int | None = Field(None, ge=1, le=1 << 20, description="Defaults to 2 x batch_size.")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers (datasets not kept on the device).")
+    drop_last: bool = Field(False, description="Drop the last incomplete training batch of each epoch.")
+
+
+class TrainerConfig(_Strict):
+    epochs: int = Field(200, ge=1, le=100_000)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto picks CUDA when present.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 uses autocast on CUDA; ignored on CPU.")
+    eval_every: int = Field(10, ge=1, description="Evaluate every N epochs and after the last one.")
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N epochs and after the last one.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="How many recent checkpoints to keep.")
+    out_dir: str = Field("runs", min_length=1, description="Parent folder of the run directory.")
+    fused: Literal["auto", "on", "off"] = Field(
+        "auto", description="Train runs of the same architecture as one stacked model where possible."
+    )
+    data_on_device: Literal["auto", "on", "off"] = Field(
+        "auto", description="Keep small data sets on the device and augment there (no DataLoader)."
+    )
+    compile: bool = Field(False, description="torch.compile the training step (CUDA).")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+
+
+class StageConfig(_Strict):
+    """From ``from_epoch`` on, replace parts of a run (DRW, DRS, fine-tuning without mixup, cRT)."""
+
+    from_epoch: int = Field(ge=1, description="First epoch (0-based) the stage applies to.")
+    loss: LossSpec | None = None
+    sampler: SamplerSpec | None = None
+    mixer: MixerSpec | None = Field(None, description="A new mixer, or null to switch mixing off.")
+    optimizer: OptimizerSpec | None = Field(None, description="A fresh optimizer (and schedule) from this epoch.")
+    retrain_classifier: bool = Field(
+        False, description="cRT: freeze the backbone (BatchNorm in eval mode), re-initialise and train the classifier."
+    )
+
+
+class RunDefaults(_Strict):
+    backbone: BackboneSpec | None = None
+    loss: LossSpec | None = None
+    optimizer: OptimizerSpec | None = None
+    sampler: SamplerSpec | None = None
+    mixer: MixerSpec | None = None
+
+
+class RunConfig(_Strict):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
+    backbone: BackboneSpec | None = None
+    loss: LossSpec | None = None
+    optimizer: OptimizerSpec | None = None
+    sampler: SamplerSpec | None = None
+    mixer: MixerSpec | None = None
+    stages: list[StageConfig] = Field(default_factory=list)
+    posthoc: list[AdjustmentSpec] = Field(
+        default_factory=list, description="Post-hoc adjustments; the run is also evaluated with each applied."
+    )
+
+
+def _default_evaluators() -> list[EvaluatorSpec]:
+    return [EvaluatorSpec(name="accuracy"), EvaluatorSpec(name="shot_accuracy")]
+
+
+class Experiment(_Strict):
+    """A whole experiment: data, trainer settings and the runs trained together."""
+
+    seed: int = Field(0, ge=0, lt=2**32)
+    plugins: list[str] = Field(default_factory=list, description="Modules to import (trusted code).")
+    data: DataConfig
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)  # type: ignore[arg-type]
+    defaults: RunDefaults = Field(default_factory=RunDefaults)
+    runs: list[RunConfig] = Field(min_length=1)
+    evaluators: list[EvaluatorSpec] = Field(default_factory=_default_evaluators)
+
+    def run(self, name: str) -> RunConfig:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise KeyError(name)
