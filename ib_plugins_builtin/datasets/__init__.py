@@ -1,1 +1,207 @@
-"""Built-in datasets (registered on import; torch is imported by the factories)."""
+"""Built-in datasets, registered on import.
+
+This module only declares params and factories; it imports neither torch nor numpy, so ``ib list``
+and ``ib validate`` stay light. The factories import their implementation submodules when called.
+
+Every dataset returns an object with ``num_classes``, ``train``, ``test``, ``val`` (``None`` unless
+configured) and ``class_names``; each split exposes ``targets`` (int64 numpy), ``class_counts`` and
+``num_classes`` without decoding an image. ``mnist_lt`` and ``cifar*_lt`` splits are tensor splits
+(``tensors()`` and an ``augment`` spec the engine can replay on the device).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from ibcore import BuildContext, Params, register_dataset
+
+if TYPE_CHECKING:
+    from ib_plugins_builtin.datasets._splits import ImageDataset
+
+ImbalanceType = Literal["exp", "step"]
+
+_RATIO_HELP = "n_max / n_min, the head class over the tail class (1 = balanced)"
+_TYPE_HELP = "'exp': n_i = int(n_max * (1/IR)^(i/(C-1))); 'step': half the classes n_max, half int(n_max/IR)"
+
+CIFAR_LT_CITATION = (
+    "Cao et al., NeurIPS 2019, 'Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss' "
+    "(long-tailed CIFAR protocol); Krizhevsky, 2009, 'Learning Multiple Layers of Features from Tiny Images'"
+)
+
+
+class MnistLTParams(Params):
+    """Params of ``mnist_lt``."""
+
+    imbalance_ratio: float = Field(10.0, ge=1.0, description=_RATIO_HELP)
+    imbalance_type: ImbalanceType = Field("exp", description=_TYPE_HELP)
+    test_per_class: int = Field(
+        100, ge=1, le=499, description="images per class held out (first in the file) as the balanced test split"
+    )
+    seed: int = Field(0, ge=0, description="seed of numpy.random.default_rng that draws the train subset")
+    augment: bool = Field(False, description="pad 2 + random 28x28 crop on the train split (never a flip)")
+
+
+class CifarLTParams(Params):
+    """Params of ``cifar10_lt`` and ``cifar100_lt``."""
+
+    root: str = Field(
+        ...,
+        min_length=1,
+        description="folder holding cifar-10-batches-py / cifar-100-python, or that folder itself",
+    )
+    download: bool = Field(False, description="fetch the python version with torchvision if it is missing")
+    imbalance_ratio: float = Field(100.0, ge=1.0, description=_RATIO_HELP)
+    imbalance_type: ImbalanceType = Field("exp", description=_TYPE_HELP)
+    subset_method: Literal["seeded", "cao"] = Field(
+        "seeded",
+        description="'cao': the exact subset of LDAM-DRW / BagofTricks-LT (np.random.seed + shuffle per class); "
+        "'seeded': a per-class permutation from numpy.random.default_rng(subset_seed)",
+    )
+    subset_seed: int = Field(0, ge=0, lt=2**32, description="seed of the subset draw (LDAM-DRW uses 0)")
+    augment: bool = Field(True, description="pad 4 + random 32x32 crop + horizontal flip on the train split")
+    val_per_class: int = Field(
+        0, ge=0, description="balanced validation split from training images left out of the subset (0 = none)"
+    )
+    max_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="n_max, images the head class keeps (default: all, 5000 / 500); lower it to leave head "
+        "images for val_per_class",
+    )
+
+
+class ImageListParams(Params):
+    """Params of ``image_list``."""
+
+    root: str = Field(..., min_length=1, description="folder the image paths in the list files are relative to")
+    train_list: str = Field(..., min_length=1, description="list file of the train split ('path label' lines)")
+    test_list: str = Field(..., min_length=1, description="list file of the test split")
+    val_list: str | None = Field(None, min_length=1, description="list file of an optional validation split")
+    num_classes: int | None = Field(None, ge=2, description="number of classes (default: max label + 1)")
+    image_size: int = Field(224, ge=8, description="side of the square crop fed to the network")
+    augment: bool = Field(True, description="RandomResizedCrop + horizontal flip on the train split")
+
+
+class ImageFolderParams(Params):
+    """Params of ``image_folder``."""
+
+    root: str = Field(..., min_length=1, description="folder holding <train_dir>/<class>/*, <test_dir>/<class>/*")
+    train_dir: str = Field("train", min_length=1, description="train sub-folder of root")
+    test_dir: str = Field("test", min_length=1, description="test sub-folder of root")
+    val_dir: str | None = Field(
+        None, min_length=1, description="validation sub-folder (default: root/val when it exists, else none)"
+    )
+    image_size: int = Field(224, ge=8, description="side of the square crop fed to the network")
+    augment: bool = Field(True, description="RandomResizedCrop + horizontal flip on the train split")
+
+
+@register_dataset(
+    "mnist_lt",
+    MnistLTParams,
+    citation="LeCun et al., Proc. IEEE 1998, 'Gradient-Based Learning Applied to Document Recognition'",
+)
+def build_mnist_lt(params: MnistLTParams, context: BuildContext) -> ImageDataset:
+    """Long-tailed MNIST from the 5,000 digits shipped in the package (offline, 1x28x28).
+
+    Mean/std 0.1307/0.3081; the balanced test split is held out before the train subset is drawn.
+    """
+    from ib_plugins_builtin.datasets._mnist import build_mnist_lt as build
+
+    return build(
+        imbalance_ratio=params.imbalance_ratio,
+        imbalance_type=params.imbalance_type,
+        test_per_class=params.test_per_class,
+        seed=params.seed,
+        augment=params.augment,
+    )
+
+
+def _build_cifar(num_classes: int, params: CifarLTParams) -> ImageDataset:
+    from ib_plugins_builtin.datasets._cifar import CIFAR10, CIFAR100, build_cifar_lt
+
+    return build_cifar_lt(
+        CIFAR10 if num_classes == 10 else CIFAR100,
+        root=params.root,
+        download=params.download,
+        imbalance_ratio=params.imbalance_ratio,
+        imbalance_type=params.imbalance_type,
+        subset_method=params.subset_method,
+        subset_seed=params.subset_seed,
+        augment=params.augment,
+        val_per_class=params.val_per_class,
+        max_per_class=params.max_per_class,
+    )
+
+
+@register_dataset("cifar10_lt", CifarLTParams, citation=CIFAR_LT_CITATION)
+def build_cifar10_lt(params: CifarLTParams, context: BuildContext) -> ImageDataset:
+    """Long-tailed CIFAR-10 (Cao et al. protocol) from the official python batches; balanced test split.
+
+    Normalisation of LDAM-DRW: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
+    """
+    return _build_cifar(10, params)
+
+
+@register_dataset("cifar100_lt", CifarLTParams, citation=CIFAR_LT_CITATION)
+def build_cifar100_lt(params: CifarLTParams, context: BuildContext) -> ImageDataset:
+    """Long-tailed CIFAR-100 (Cao et al. protocol) from the official python batches; balanced test split.
+
+    Normalisation of LDAM-DRW: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
+    """
+    return _build_cifar(100, params)
+
+
+@register_dataset(
+    "image_list",
+    ImageListParams,
+    citation="Liu et al., CVPR 2019, 'Large-Scale Long-Tailed Recognition in an Open World' (ImageNet-LT lists)",
+)
+def build_image_list(params: ImageListParams, context: BuildContext) -> ImageDataset:
+    """Images named by list files ('relative/path label' per line): ImageNet-LT, iNaturalist, Places-LT.
+
+    ImageNet recipe: RandomResizedCrop + flip (train), Resize(size*256/224) + CenterCrop (eval), ImageNet mean/std.
+    """
+    from ib_plugins_builtin.datasets._image_files import build_image_list as build
+
+    return build(
+        root=params.root,
+        train_list=params.train_list,
+        test_list=params.test_list,
+        val_list=params.val_list,
+        num_classes=params.num_classes,
+        image_size=params.image_size,
+        augment=params.augment,
+    )
+
+
+@register_dataset("image_folder", ImageFolderParams)
+def build_image_folder(params: ImageFolderParams, context: BuildContext) -> ImageDataset:
+    """Images in a torchvision ImageFolder tree: root/train/<class>/*, root/test/<class>/*, optional val.
+
+    Class indices follow the sorted train sub-folder names; the same ImageNet recipe as image_list.
+    """
+    from ib_plugins_builtin.datasets._image_files import build_image_folder as build
+
+    return build(
+        root=params.root,
+        train_dir=params.train_dir,
+        test_dir=params.test_dir,
+        val_dir=params.val_dir,
+        image_size=params.image_size,
+        augment=params.augment,
+    )
+
+
+__all__ = [
+    "CifarLTParams",
+    "ImageFolderParams",
+    "ImageListParams",
+    "MnistLTParams",
+    "build_cifar100_lt",
+    "build_cifar10_lt",
+    "build_image_folder",
+    "build_image_list",
+    "build_mnist_lt",
+]

@@ -30,13 +30,18 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float, imbal
     raise ValueError(f"imbalance_type must be 'exp' or 'step', got {imbalance_type!r}")
 
 
+def _describe_classes(labels: Sequence[int], shown: int = 10) -> str:
+    listed = ", ".join(str(label) for label in labels[:shown]) + (", ..." if len(labels) > shown else "")
+    return f"class {listed}" if len(labels) == 1 else f"classes {listed}"
+
+
 def check_no_empty_class(counts: Sequence[int], imbalance_ratio: float, n_max: int, where: str) -> None:
     """Raise a DataError when the imbalance ratio leaves a class without training images."""
     empty = [c for c, n in enumerate(counts) if n == 0]
     if empty:
         raise DataError(
             f"{where}: imbalance_ratio {imbalance_ratio:g} with {n_max} images in the head class leaves "
-            f"class {empty[0]} (and {len(empty) - 1} other(s)) with zero training images; "
+            f"{_describe_classes(empty)} with zero training images; "
             "lower imbalance_ratio."
         )
 

@@ -35,9 +35,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
         with np.load(io.BytesIO(resource.read_bytes())) as archive:
             images, labels = archive["images"], archive["labels"]
     except (OSError, KeyError, ValueError) as exc:
-        raise DataError(
-            f"The embedded MNIST file {resource} is missing or damaged ({exc}); reinstall ibcore."
-        ) from exc
+        raise DataError(f"The embedded MNIST file {resource} is missing or damaged ({exc}); reinstall ibcore.") from exc
     images.setflags(write=False)
     labels = labels.astype(np.int64)
     labels.setflags(write=False)
@@ -63,7 +61,8 @@ def build_mnist_lt(
     train_positions = pool[chosen]
 
     normalise_only = AugmentSpec(pad=0, flip=False, mean=MNIST_MEAN, std=MNIST_STD)
-    train_augment = AugmentSpec(pad=MNIST_PAD, flip=False, mean=MNIST_MEAN, std=MNIST_STD) if augment else normalise_only
+    cropped = AugmentSpec(pad=MNIST_PAD, flip=False, mean=MNIST_MEAN, std=MNIST_STD)
+    train_augment = cropped if augment else normalise_only
 
     def split(positions: np.ndarray, spec: AugmentSpec) -> TensorImageSplit:
         return TensorImageSplit(images[positions][:, None], labels[positions], NUM_CLASSES, spec, positions)

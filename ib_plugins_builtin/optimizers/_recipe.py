@@ -52,9 +52,7 @@ class OptimizerRecipe:
         ``weight_decay=0``."""
         trainable = [(n, p) for n, p in _named(named_parameters) if p.requires_grad]
         if not trainable:
-            raise TrainingError(
-                f"optimizer {self.name!r} got no trainable parameters (all have requires_grad=False)."
-            )
+            raise TrainingError(f"optimizer {self.name!r} got no trainable parameters (all have requires_grad=False).")
         weight_decay = float(self.params.weight_decay)
         if not self.params.no_weight_decay_on_bias_and_norm:
             return [

@@ -157,7 +157,7 @@ class ProgressivelyBalancedSampler(ClassAwareSampler):
     name = "progressively_balanced"
 
     def __init__(self, context: BuildContext, seed: int) -> None:
-        context.require(f"sampler {self.name!r}", "epochs")
+        context.require(f"sampler {self.name!r}", "targets", "num_classes", "epochs")
         super().__init__(context, seed)
         assert context.epochs is not None
         if context.epochs < 1:
