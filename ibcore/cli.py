@@ -97,8 +97,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 exc.source = path
             _print_config_error(exc, console)
         else:
-            console.print(f"[green]✓[/green] {path}: valid ({len(experiment.runs)} runs: "
-                          f"{', '.join(r.name for r in experiment.runs)})")
+            console.print(
+                f"[green]✓[/green] {path}: valid ({len(experiment.runs)} runs: "
+                f"{', '.join(r.name for r in experiment.runs)})"
+            )
     return 1 if failed else 0
 
 
@@ -149,38 +151,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--citations", action="store_true", help="show the paper of each component")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("plugins", help="plugin distributions and their load status",
-                       description="Show every distribution that provides components, its version and load errors.")
+    p = sub.add_parser(
+        "plugins",
+        help="plugin distributions and their load status",
+        description="Show every distribution that provides components, its version and load errors.",
+    )
     p.set_defaults(func=_cmd_plugins)
 
-    p = sub.add_parser("validate", help="check configs without running them",
-                       description="Validate experiment configs; exit 1 and print every error if any is invalid.")
+    p = sub.add_parser(
+        "validate",
+        help="check configs without running them",
+        description="Validate experiment configs; exit 1 and print every error if any is invalid.",
+    )
     p.add_argument("configs", nargs="+", metavar="CONFIG")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a value")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("schema", help="JSON Schema of the config format",
-                       description="Export a JSON Schema of the config, including every installed component's params.")
+    p = sub.add_parser(
+        "schema",
+        help="JSON Schema of the config format",
+        description="Export a JSON Schema of the config, including every installed component's params.",
+    )
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=_cmd_schema)
 
-    p = sub.add_parser("run", help="train every run of an experiment",
-                       description="Validate CONFIG in full, then train all its runs together.")
+    p = sub.add_parser(
+        "run",
+        help="train every run of an experiment",
+        description="Validate CONFIG in full, then train all its runs together.",
+    )
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--out", help="parent folder of the run directory (overrides trainer.out_dir)")
-    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
-                   help="override a value, e.g. trainer.epochs=5 or runs.ce.loss.params.gamma=2")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a value, e.g. trainer.epochs=5 or runs.ce.loss.params.gamma=2",
+    )
     p.add_argument("--quiet", action="store_true", help="no live progress display")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("resume", help="continue an interrupted experiment",
-                       description="Resume RUN_DIR from its latest valid checkpoint to the same final numbers.")
+    p = sub.add_parser(
+        "resume",
+        help="continue an interrupted experiment",
+        description="Resume RUN_DIR from its latest valid checkpoint to the same final numbers.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--quiet", action="store_true", help="no live progress display")
     p.set_defaults(func=_cmd_resume)
 
-    p = sub.add_parser("report", help="re-render tables and plots of a run directory",
-                       description="Re-render results tables (and plots, with matplotlib) from RUN_DIR's files.")
+    p = sub.add_parser(
+        "report",
+        help="re-render tables and plots of a run directory",
+        description="Re-render results tables (and plots, with matplotlib) from RUN_DIR's files.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=_cmd_report)
     return parser

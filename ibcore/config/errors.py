@@ -65,7 +65,7 @@ def _message(error: Any, model: type[BaseModel] | None) -> str:
         return f"unknown key {key!r}{hint}"
     if kind == "missing":
         return "required field is missing"
-    message = str(error["msg"])
+    message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if "input" in error and kind not in ("missing",) and not isinstance(error["input"], (dict, list)):
         shown = repr(error["input"])
         if len(shown) > 60:

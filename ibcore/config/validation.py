@@ -145,8 +145,12 @@ def _cross_field_issues(experiment: Experiment) -> list[ConfigIssue]:
             previous = stage.from_epoch
             changes = stage.model_fields_set - {"from_epoch"}
             if not changes:
-                issues.append(ConfigIssue(f"runs[{i}].stages[{j}]", "the stage changes nothing; set loss, sampler, "
-                                          "mixer, optimizer or retrain_classifier"))
+                issues.append(
+                    ConfigIssue(
+                        f"runs[{i}].stages[{j}]",
+                        "the stage changes nothing; set loss, sampler, mixer, optimizer or retrain_classifier",
+                    )
+                )
     evaluator_names = [e.name for e in experiment.evaluators]
     for i, name in enumerate(evaluator_names):
         if name in evaluator_names[:i]:

@@ -1,0 +1,107 @@
+"""Batches for the training and evaluation loops: device-resident tensors or a DataLoader.
+
+A split that offers ``tensors()`` and an :class:`~ibcore.AugmentSpec` lives on the device as uint8;
+its random crop, flip and normalisation run there per sample, in batch. Larger splits keep the
+DataLoader path with workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ibcore.protocols import AugmentSpec, is_tensor_split
+
+
+def augment_batch(images: Tensor, spec: AugmentSpec, generator: torch.Generator | None, train: bool) -> Tensor:
+    """uint8 (N, C, H, W) → float, with a per-sample random crop and flip when ``train``.
+
+    Each sample draws its own crop offset and flip (torchvision.transforms.v2 on a batch would draw
+    one crop for the whole batch).
+    """
+    x = images.float()
+    n, _, h, w = x.shape
+    if train and spec.pad > 0:
+        padded = F.pad(x, (spec.pad, spec.pad, spec.pad, spec.pad))
+        span = 2 * spec.pad + 1
+        oy = torch.randint(0, span, (n,), generator=generator, device=images.device)
+        ox = torch.randint(0, span, (n,), generator=generator, device=images.device)
+        rows = (oy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        channels = torch.arange(x.shape[1], device=images.device)[None, :, None, None]
+        x = padded[batch, channels, rows, cols]
+    if train and spec.flip:
+        flip = torch.rand(n, generator=generator, device=images.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x / 255.0 - mean) / std
+
+
+class DeviceData:
+    """A tensor split kept on ``device`` as uint8; batches are gathered and augmented there."""
+
+    def __init__(self, split: Any, device: torch.device) -> None:
+        images, labels = split.tensors()
+        self.images = images.to(device)
+        self.labels = labels.to(device=device, dtype=torch.long)
+        self.augment: AugmentSpec = split.augment
+        self.device = device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, indices: Tensor, generator: torch.Generator | None, train: bool) -> tuple[Tensor, Tensor]:
+        return augment_batch(self.images[indices], self.augment, generator, train), self.labels[indices]
+
+    def iterate(
+        self, order: np.ndarray, batch_size: int, generator: torch.Generator | None, train: bool, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        index = torch.as_tensor(order, dtype=torch.long, device=self.device)
+        for start in range(0, len(index), batch_size):
+            chunk = index[start : start + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                return
+            yield self.batch(chunk, generator, train)
+
+
+class LoaderData:
+    """A split read through a DataLoader (images decoded and augmented by the dataset, in workers)."""
+
+    def __init__(self, split: Any, device: torch.device, num_workers: int) -> None:
+        self.split = split
+        self.device = device
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def iterate(
+        self, order: np.ndarray, batch_size: int, generator: torch.Generator | None, train: bool, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        if drop_last and batches and len(batches[-1]) < batch_size:
+            batches.pop()
+        loader = torch.utils.data.DataLoader(
+            self.split,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            generator=generator if generator is not None and generator.device.type == "cpu" else None,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, dtype=torch.long)
+
+
+def make_data(split: Any, device: torch.device, mode: str, num_workers: int) -> DeviceData | LoaderData:
+    """Device-resident data when the split allows it and ``mode`` is not "off"."""
+    if mode != "off" and is_tensor_split(split):
+        return DeviceData(split, device)
+    return LoaderData(split, device, num_workers)

@@ -1,0 +1,169 @@
+"""One run's live components, and the stage logic that changes them at given epochs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+
+from ibcore.build import build
+from ibcore.config.schema import ComponentSpec, RunConfig
+from ibcore.context import BuildContext
+from ibcore.engine.seeding import derive_seed
+
+DEFAULT_SAMPLER = ComponentSpec(name="instance")
+
+
+def spec_key(spec: ComponentSpec | None) -> str:
+    """A canonical string for a component spec (runs with equal keys can share a batch or weights)."""
+    if spec is None:
+        return "null"
+    return json.dumps({"name": spec.name, "params": spec.params}, sort_keys=True, default=str)
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectiveSpecs:
+    """What a run uses in a given epoch, after applying every stage that has started."""
+
+    loss: ComponentSpec
+    sampler: ComponentSpec
+    mixer: ComponentSpec | None
+    optimizer: ComponentSpec
+    optimizer_from_epoch: int  # the epoch the current optimizer (and its schedule) started at
+    retrain_classifier: bool
+    stage_index: int  # -1 before any stage
+
+
+def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
+    """The components of ``run`` in ``epoch``: later stages override only the fields they set."""
+    assert run.loss is not None and run.optimizer is not None
+    loss, sampler, mixer, optimizer = run.loss, run.sampler or DEFAULT_SAMPLER, run.mixer, run.optimizer
+    optimizer_from, retrain, index = 0, False, -1
+    for i, stage in enumerate(run.stages):
+        if stage.from_epoch > epoch:
+            break
+        index = i
+        fields = stage.model_fields_set
+        if stage.loss is not None:
+            loss = stage.loss
+        if stage.sampler is not None:
+            sampler = stage.sampler
+        if "mixer" in fields:
+            mixer = stage.mixer
+        if stage.optimizer is not None:
+            optimizer, optimizer_from = stage.optimizer, stage.from_epoch
+        if stage.retrain_classifier:
+            retrain = True
+    return EffectiveSpecs(loss, sampler, mixer, optimizer, optimizer_from, retrain, index)
+
+
+class RunState:
+    """A run's model, loss, optimizer, mixer and evaluators, rebuilt when a stage starts."""
+
+    def __init__(self, config: RunConfig, context: BuildContext, seed: int, device: torch.device) -> None:
+        self.config = config
+        self.name = config.name
+        self.context = context
+        self.seed = seed
+        self.device = device
+        assert config.backbone is not None
+        # Runs with the same backbone spec start from identical weights, whatever their order.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "init", spec_key(config.backbone)))
+            self.model: torch.nn.Module = build(
+                "backbone", config.backbone.name, config.backbone.params, context=context
+            )
+        self.model.to(device)
+        self.failed: str | None = None
+        self.specs: EffectiveSpecs | None = None
+        self.loss: Any = None
+        self.mixer: Any = None
+        self.recipe: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_steps = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def configure(self, epoch: int, epochs: int, iters_per_epoch: int, transition: bool) -> bool:
+        """Build the components for ``epoch``. With ``transition``, also perform a starting stage's
+        one-off actions (re-initialise the classifier, fresh optimizer state). Returns True if anything
+        was rebuilt."""
+        specs = effective_specs(self.config, epoch)
+        previous = self.specs
+        if previous is not None and specs == previous:
+            return False
+        context = self.context.replace(iters_per_epoch=iters_per_epoch)
+        if previous is None or spec_key(specs.loss) != spec_key(previous.loss):
+            self.loss = build("loss", specs.loss.name, specs.loss.params, context=context)
+            if isinstance(self.loss, torch.nn.Module):
+                self.loss.to(self.device)
+        if previous is None or spec_key(specs.mixer) != spec_key(previous.mixer):
+            self.mixer = (
+                None if specs.mixer is None else build("mixer", specs.mixer.name, specs.mixer.params, context=context)
+            )
+        starts_retrain = specs.retrain_classifier and (previous is None or not previous.retrain_classifier)
+        if starts_retrain and transition:
+            self.model.reset_classifier()  # type: ignore[operator]
+        self._freeze(specs.retrain_classifier)
+        new_optimizer = (
+            previous is None
+            or spec_key(specs.optimizer) != spec_key(previous.optimizer)
+            or specs.optimizer_from_epoch != previous.optimizer_from_epoch
+            or starts_retrain
+        )
+        if new_optimizer:
+            horizon = context.replace(epochs=epochs - specs.optimizer_from_epoch)
+            self.recipe = build("optimizer", specs.optimizer.name, specs.optimizer.params, context=horizon)
+            trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.optimizer = self.recipe.create(trainable)
+        self.specs = specs
+        return True
+
+    def _freeze(self, retrain_classifier: bool) -> None:
+        classifier_params = {id(p) for p in self.model.classifier.parameters()}  # type: ignore[union-attr]
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(not retrain_classifier or id(parameter) in classifier_params)
+
+    def train_mode(self) -> None:
+        """Train mode; during classifier re-training the backbone's BatchNorm statistics stay frozen."""
+        assert self.specs is not None
+        if self.specs.retrain_classifier:
+            self.model.eval()
+            self.model.classifier.train()  # type: ignore[union-attr]
+        else:
+            self.model.train()
+
+    def set_lr(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        assert self.specs is not None and self.optimizer is not None
+        lr = self.recipe.lr_at(epoch - self.specs.optimizer_from_epoch, iteration, iters_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def mixer_generator(self, epoch: int) -> torch.Generator:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(derive_seed(self.seed, "mixer", self.name, epoch))
+        return generator
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def record_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Accumulate on the device; remember the first non-finite step (no host sync here)."""
+        value = loss.detach().float()
+        finite = torch.isfinite(value)
+        self.loss_sum += torch.where(finite, value, torch.zeros_like(value))
+        self.loss_steps += 1
+        bad = (~finite) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+
+    def end_epoch(self) -> tuple[float, int]:
+        """Mean training loss of the epoch and the first non-finite step (-1 if none); resets both."""
+        mean = float(self.loss_sum.item()) / max(self.loss_steps, 1)
+        bad = int(self.first_bad_step.item())
+        self.loss_sum.zero_()
+        self.loss_steps = 0
+        self.first_bad_step.fill_(-1)
+        return mean, bad

@@ -1,0 +1,46 @@
+"""Reporting: results tables (console, Markdown, CSV, JSON), metrics files and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ibcore.errors import IbError
+from ibcore.report.plots import write_plots
+from ibcore.report.tables import console_table, print_table, write_tables
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Lines of a ``metrics.jsonl`` file (a torn last line from a crash is ignored)."""
+    lines = []
+    if path.is_file():
+        for raw in path.read_text(encoding="utf-8").splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+    return lines
+
+
+def render_run_dir(run_dir: str | Path, console: Console | None = None) -> list[dict[str, Any]]:
+    """Re-render tables and plots of ``run_dir`` from its results.json and metrics.jsonl."""
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise IbError(f"{results_path} does not exist; is {run_dir} a finished ibcore run directory?")
+    try:
+        payload = json.loads(results_path.read_text(encoding="utf-8"))
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise IbError(f"cannot read the results of {run_dir}: {exc}") from exc
+    rows, best_rows = payload.get("last", []), payload.get("best_on_validation", [])
+    write_tables(run_dir, rows, best_rows)
+    write_plots(run_dir, read_metrics(run_dir / "metrics.jsonl"), rows, meta.get("class_counts", []))
+    print_table(rows, console)
+    return list(rows)
+
+
+__all__ = ["console_table", "print_table", "read_metrics", "render_run_dir", "write_plots", "write_tables"]
