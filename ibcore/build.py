@@ -28,7 +28,7 @@ def validate_params(
     except ValidationError as exc:
         from ibcore.config.errors import issues_from_validation_error
 
-        raise ConfigError(issues_from_validation_error(exc, prefix=path)) from None
+        raise ConfigError(issues_from_validation_error(exc, prefix=path, model=info.params)) from None
 
 
 def build(

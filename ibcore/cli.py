@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ibcore import __version__
@@ -41,10 +42,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         if args.citations:
             table.add_column("citation")
         for info in rows:
-            description = info.description if info.error is None else "[red]failed to load: see `ib plugins`[/red]"
-            cells = [info.name, info.provider_label, description]
+            description = (
+                escape(info.description) if info.error is None else "[red]failed to load: see `ib plugins`[/red]"
+            )
+            cells = [escape(info.name), escape(info.provider_label), description]
             if args.citations:
-                cells.append(info.citation or "")
+                cells.append(escape(info.citation or ""))
             table.add_row(*cells)
         if not rows:
             table.add_row(f"[dim]no {PLURALS[kind]} installed[/dim]", "", "")
@@ -65,22 +68,31 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     table.add_column("components")
     for dist in dists:
         colour = {"ok": "green", "failed": "red", "disabled": "yellow"}[dist.status]
-        table.add_row(dist.name, dist.version or "?", f"[{colour}]{dist.status}[/{colour}]", str(len(dist.components)))
+        table.add_row(
+            escape(dist.name),
+            escape(dist.version or "?"),
+            f"[{colour}]{dist.status}[/{colour}]",
+            str(len(dist.components)),
+        )
     console.print(table)
     for dist in dists:
         for error in dist.errors:
-            console.print(f"[red]{dist.name}[/red]: {error}", markup=True)
+            console.print(f"[red]{escape(dist.name)}[/red]: {escape(error)}", markup=True)
     local = [i for i in list_components(load=False) if i.provider.startswith("local:")]
     if local:
-        console.print("Registered in this process: " + ", ".join(f"{i.kind} {i.qualified_name}" for i in local))
+        console.print(
+            "Registered in this process: " + ", ".join(f"{i.kind} {i.qualified_name}" for i in local), markup=False
+        )
     return 0
 
 
 def _print_config_error(error: ConfigError, console: Console) -> None:
-    where = f" in {error.source}" if error.source else ""
+    where = f" in {escape(error.source)}" if error.source else ""
     console.print(f"[red]✗[/red] {len(error.issues)} error{'s' if len(error.issues) != 1 else ''}{where}:")
     for issue in error.issues:
-        console.print(f"  [bold]{issue.path or '<file>'}[/bold]: {issue.message}", markup=True, highlight=False)
+        console.print(
+            f"  [bold]{escape(issue.path or '<file>')}[/bold]: {escape(issue.message)}", markup=True, highlight=False
+        )
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -98,7 +110,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             _print_config_error(exc, console)
         else:
             console.print(
-                f"[green]✓[/green] {path}: valid ({len(experiment.runs)} runs: "
+                f"[green]✓[/green] {escape(path)}: valid ({len(experiment.runs)} runs: "
                 f"{', '.join(r.name for r in experiment.runs)})"
             )
     return 1 if failed else 0
@@ -221,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = _console(stderr=True)
     with warnings.catch_warnings():
         warnings.simplefilter("always", RegistryWarning)
-        warnings.showwarning = lambda message, *_a, **_k: err.print(f"[yellow]warning:[/yellow] {message}")
+        warnings.showwarning = lambda message, *_a, **_k: err.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
         try:
             return func(args)
         except ConfigError as exc:
@@ -230,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except IbError as exc:
             if os.environ.get("IB_DEBUG"):
                 raise
-            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
             return 1
         except KeyboardInterrupt:
             err.print("interrupted")

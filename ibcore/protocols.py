@@ -229,7 +229,7 @@ def check(kind: str, name: str, component: Any) -> Any:
     missing = missing_members(kind, component)
     if missing:
         raise ProtocolError(
-            f"{kind} {name!r} built a {type(component).__name__} that does not follow the {kind} protocol; "
+            f"{kind} {name!r} built {type(component).__name__} that does not follow the {kind} protocol; "
             f"missing: {', '.join(missing)}."
         )
     return component

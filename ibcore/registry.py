@@ -145,7 +145,7 @@ def _check_kind(kind: str) -> str:
 
 def _disabled_distributions() -> set[str]:
     raw = os.environ.get(DISABLE_ENV, "")
-    return {_normalise_dist(part) for part in raw.split(",") if part.strip()}
+    return {_normalise_dist(part.strip()) for part in raw.split(",") if part.strip()}
 
 
 def _entry_points(group: str) -> list[Any]:
@@ -490,9 +490,7 @@ def list_components(kind: str | None = None, pattern: str | None = None, *, load
     """
     discover()
     kind = _check_kind(kind) if kind else None
-    infos = [
-        info for info in _all_infos(kind) if pattern is None or fnmatch.fnmatchcase(info.name, pattern)
-    ]
+    infos = [info for info in _all_infos(kind) if pattern is None or fnmatch.fnmatchcase(info.name, pattern)]
     if load:
         for info in infos:
             _ensure_loaded(info)

@@ -30,19 +30,28 @@ class _LimitedSafeLoader(yaml.SafeLoader):
         return super().construct_object(node, deep=deep)
 
 
-def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
+def _check_size(value: Any, source: str) -> None:
+    """Refuse documents that expand to too many values or nest too deeply.
+
+    Aliases share one constructed object, so a "billion laughs" file is small for the loader and
+    huge for anything that walks it: count every value reached, stopping at the first excess.
+    """
     stack = [(value, 1)]
-    deepest = 0
+    seen = 0
     while stack:
         item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
+        seen += 1
+        if seen > MAX_NODES:
+            raise ConfigError(
+                [ConfigIssue("", f"the document expands to more than {MAX_NODES} values (alias bomb?)")], source=source
+            )
+        if depth > MAX_DEPTH:
+            raise ConfigError([ConfigIssue("", f"the YAML is nested more than {MAX_DEPTH} levels deep")], source=source)
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
+            stack.extend((k, depth + 1) for k in item if isinstance(k, (tuple, list)))
+        elif isinstance(item, (list, tuple)):
             stack.extend((v, depth + 1) for v in item)
-    return deepest
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -62,8 +71,7 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError([ConfigIssue("", f"not valid YAML{where}: {problem}")], source=source) from None
     except RecursionError:
         raise ConfigError([ConfigIssue("", "the YAML is nested too deeply")], source=source) from None
-    if _depth(data) > MAX_DEPTH:
-        raise ConfigError([ConfigIssue("", f"the YAML is nested more than {MAX_DEPTH} levels deep")], source=source)
+    _check_size(data, source)
     return data
 
 

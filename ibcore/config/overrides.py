@@ -66,7 +66,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
                     issues.append(ConfigIssue(where, f"{path}: [{token}] used on a mapping"))
                     break
             else:
-                issues.append(ConfigIssue(where, f"cannot set {token!r} inside a {type(node).__name__}"))
+                issues.append(ConfigIssue(where, f"cannot set {token!r} inside the value {node!r}"))
                 break
             if last:
                 node[token] = value

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from ibcore.config.errors import issues_from_validation_error
 from ibcore.config.loading import read_config_file
 from ibcore.config.overrides import apply_overrides
-from ibcore.config.schema import Experiment, RunConfig
+from ibcore.config.schema import Experiment, RunConfig, TrainerConfig, _default_evaluators
 from ibcore.errors import ConfigError, ConfigIssue, RegistryError
 from ibcore.registry import resolve
 
@@ -100,60 +100,72 @@ def _raw_specs(data: Mapping[str, Any]) -> Iterator[tuple[Any, str, str]]:
                 yield _get(stage, field), field, f"runs[{i}].stages[{j}].{field}"
         for j, adjustment in _items(_get(run, "posthoc")):
             yield adjustment, "adjustment", f"runs[{i}].posthoc[{j}]"
+    if isinstance(data, Mapping) and "evaluators" not in data:
+        for evaluator in _default_evaluators():  # checked too, so `ib run` cannot fail on them later
+            yield evaluator.model_dump(), "evaluator", "evaluators (default)"
     for i, evaluator in _items(_get(data, "evaluators")):
         yield evaluator, "evaluator", f"evaluators[{i}]"
 
 
-def _merge_defaults(experiment: Experiment) -> tuple[Experiment, list[ConfigIssue]]:
-    issues = []
+def _merge_defaults(experiment: Experiment) -> Experiment:
     runs = []
-    for i, run in enumerate(experiment.runs):
+    for run in experiment.runs:
         updates = {}
         for field in _RUN_COMPONENTS:
             if getattr(run, field) is None and getattr(experiment.defaults, field) is not None:
                 updates[field] = getattr(experiment.defaults, field)
-        merged = run.model_copy(update=updates)
-        for field in _REQUIRED:
-            if getattr(merged, field) is None:
-                issues.append(ConfigIssue(f"runs[{i}].{field}", f"required: set it here or under defaults.{field}"))
-        runs.append(merged)
-    return experiment.model_copy(update={"runs": runs}), issues
+        runs.append(run.model_copy(update=updates))
+    return experiment.model_copy(update={"runs": runs})
 
 
-def _cross_field_issues(experiment: Experiment) -> list[ConfigIssue]:
+def _cross_field_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
+    """Mistakes that involve several fields, checked on the raw mapping so that a schema error
+    elsewhere does not hide them."""
     issues = []
-    epochs = experiment.trainer.epochs
+    epochs = _get(data, "trainer") and _get(data["trainer"], "epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool):
+        epochs = TrainerConfig.model_fields["epochs"].default
+    defaults = _get(data, "defaults")
     seen: dict[str, int] = {}
-    for i, run in enumerate(experiment.runs):
-        if run.name in seen:
-            message = f"duplicate run name {run.name!r} (also runs[{seen[run.name]}])"
-            issues.append(ConfigIssue(f"runs[{i}].name", message))
-        seen.setdefault(run.name, i)
-        previous = 0
-        for j, stage in enumerate(run.stages):
-            if stage.from_epoch >= epochs:
+    for i, run in _items(_get(data, "runs")):
+        if not isinstance(run, Mapping):
+            continue
+        name = run.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                message = f"duplicate run name {name!r} (also runs[{seen[name]}])"
+                issues.append(ConfigIssue(f"runs[{i}].name", message))
+            seen.setdefault(name, i)
+        for field in _REQUIRED:
+            if run.get(field) is None and _get(defaults, field) is None:
+                issues.append(ConfigIssue(f"runs[{i}].{field}", f"required: set it here or under defaults.{field}"))
+        previous = None
+        for j, stage in _items(run.get("stages")):
+            start = _get(stage, "from_epoch")
+            if not isinstance(start, int) or isinstance(start, bool):
+                continue
+            if start >= epochs:
                 issues.append(
                     ConfigIssue(
                         f"runs[{i}].stages[{j}].from_epoch",
-                        f"{stage.from_epoch} is outside the training epochs 0..{epochs - 1} (trainer.epochs={epochs})",
+                        f"{start} is outside the training epochs 0..{epochs - 1} (trainer.epochs={epochs})",
                     )
                 )
-            if stage.from_epoch <= previous and j > 0:
+            if previous is not None and start <= previous:
                 issues.append(
                     ConfigIssue(f"runs[{i}].stages[{j}].from_epoch", "stages must be in increasing from_epoch order")
                 )
-            previous = stage.from_epoch
-            changes = stage.model_fields_set - {"from_epoch"}
-            if not changes:
+            previous = start
+            if isinstance(stage, Mapping) and not set(stage) - {"from_epoch"}:
                 issues.append(
                     ConfigIssue(
                         f"runs[{i}].stages[{j}]",
                         "the stage changes nothing; set loss, sampler, mixer, optimizer or retrain_classifier",
                     )
                 )
-    evaluator_names = [e.name for e in experiment.evaluators]
-    for i, name in enumerate(evaluator_names):
-        if name in evaluator_names[:i]:
+    names = [_get(e, "name") for _, e in _items(_get(data, "evaluators"))]
+    for i, name in enumerate(names):
+        if isinstance(name, str) and name in names[:i]:
             issues.append(ConfigIssue(f"evaluators[{i}].name", f"evaluator {name!r} is listed twice"))
     return issues
 
@@ -183,14 +195,13 @@ def load_experiment(source: Any, *, overrides: list[str] | None = None) -> Exper
     issues += import_plugins(data.get("plugins", []), base_dir)
     for spec, kind, path in _raw_specs(data):
         issues += _check_component(spec, kind, path)
+    issues += _cross_field_issues(data)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
-        schema_issues = issues_from_validation_error(exc, model=Experiment)
-        raise ConfigError(issues + schema_issues, source=name) from None
-    experiment, merge_issues = _merge_defaults(experiment)
-    issues += merge_issues
-    issues += _cross_field_issues(experiment)
+        issues += issues_from_validation_error(exc, model=Experiment)
+        raise ConfigError(issues, source=name) from None
+    experiment = _merge_defaults(experiment)
     if issues:
         raise ConfigError(issues, source=name)
     return experiment

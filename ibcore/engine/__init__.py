@@ -13,8 +13,8 @@ import yaml
 
 from ibcore.config import load_experiment
 from ibcore.config.schema import Experiment
-from ibcore.engine.checkpoint import atomic_write_text, load_latest
 from ibcore.errors import TrainingError
+from ibcore.files import atomic_write_text
 
 
 def _run_dir(parent: Path, name: str) -> Path:
@@ -48,8 +48,6 @@ def run(
 
     Returns :class:`~ibcore.engine.trainer.Results`: the run directory and one row per run.
     """
-    from ibcore.engine.trainer import Trainer
-
     experiment = (
         source if isinstance(source, Experiment) and not overrides else load_experiment(source, overrides=overrides)
     )
@@ -59,12 +57,15 @@ def run(
     resolved = experiment.model_dump(mode="json")
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     atomic_write_text(run_dir / "origin.json", json.dumps({"config": str(source), "config_dir": config_dir}) + "\n")
+    from ibcore.engine.trainer import Trainer  # torch is imported only once the config is valid
+
     trainer = Trainer(experiment, run_dir, quiet=quiet)
     return trainer.fit()
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> Any:
     """Continue an interrupted experiment from its newest valid checkpoint."""
+    from ibcore.engine.checkpoint import load_latest
     from ibcore.engine.trainer import Trainer
 
     run_dir = Path(run_dir)

@@ -24,7 +24,7 @@ def augment_batch(images: Tensor, spec: AugmentSpec, generator: torch.Generator 
     Each sample draws its own crop offset and flip (torchvision.transforms.v2 on a batch would draw
     one crop for the whole batch).
     """
-    x = images.float()
+    x = images.to(torch.get_default_dtype())  # float32 unless a test asks for float64
     n, _, h, w = x.shape
     if train and spec.pad > 0:
         padded = F.pad(x, (spec.pad, spec.pad, spec.pad, spec.pad))

@@ -53,7 +53,7 @@ class _Group:
         self.params = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
         self.buffers = {name: b.detach().clone() for name, b in buffers.items()}
         # A skeleton module on the meta device: functional_call only needs its structure.
-        self.skeleton = copy.deepcopy(models[0]).to("meta")
+        self.skeleton = copy.deepcopy(models[0]).to("meta").train()  # fused runs never freeze BatchNorm
         self.names = list(self.params)
         self.groups = []  # per parameter name: the torch param group of each run
         self.momentum_buffers = {}
@@ -137,6 +137,7 @@ class FusedTrainer:
         self.trainer = trainer
         self.forced = forced
         self.groups: list[_Group] = []
+        self.history: list[list[str]] = []  # every distinct group of run names fused so far
         self._logged: set[str] = set()
 
     @classmethod
@@ -151,7 +152,7 @@ class FusedTrainer:
         return True
 
     def describe(self) -> list[list[str]]:
-        return [[run.name for run in group.runs] for group in self.groups]
+        return self.history
 
     def _log_once(self, message: str) -> None:
         if message not in self._logged:
@@ -173,6 +174,9 @@ class FusedTrainer:
             if len(members) < 2:
                 continue
             self.groups.append(_Group(members))
+            names = [run.name for run in members]
+            if names not in self.history:
+                self.history.append(names)
         if self.groups:
             self._log_once(
                 "fused path: "
@@ -235,7 +239,8 @@ class FusedTrainer:
             else:
                 inputs = torch.stack([x if p is None else p[0].mix(x, p[1]) for p in plans])
                 logits = group.forward(inputs, shared=False)
-        logits = logits.float()
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
         total = logits.new_zeros(())
         for k, run in enumerate(group.runs):
             if plans[k] is None:

@@ -152,7 +152,7 @@ class RunState:
 
     def record_loss(self, loss: torch.Tensor, step: int) -> None:
         """Accumulate on the device; remember the first non-finite step (no host sync here)."""
-        value = loss.detach().float()
+        value = loss.detach().to(self.loss_sum.dtype)
         finite = torch.isfinite(value)
         self.loss_sum += torch.where(finite, value, torch.zeros_like(value))
         self.loss_steps += 1

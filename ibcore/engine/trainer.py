@@ -155,7 +155,7 @@ class Trainer:
     ) -> torch.Tensor:
         mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
         if mixer is None:
-            return run.loss(run.model(x).float(), y)
+            return run.loss(_full_precision(run.model(x)), y)
         plan = mixer.plan(x, y, generator)
         plan.permutation = plan.permutation.to(x.device)
         plan.target_weight = plan.target_weight.to(device=x.device, dtype=torch.float32)
@@ -163,7 +163,7 @@ class Trainer:
             logits = run.model(mixer.mix(x, plan))
         else:
             logits = run.model.forward_mixed(x, plan.layer, lambda h: mixer.mix(h, plan))  # type: ignore[operator]
-        logits = logits.float()
+        logits = _full_precision(logits)
         return run.loss(logits, y, plan.target_weight) + run.loss(logits, y[plan.permutation], 1.0 - plan.target_weight)
 
     # -- epochs ----------------------------------------------------------------------------------
@@ -177,6 +177,8 @@ class Trainer:
         total = sum(self.iters_per_epoch(self.samplers[key]) for key in groups)
         self.display.start_epoch(epoch, self.epochs, total)
         torch.manual_seed(derive_seed(self.seed, "epoch", epoch))
+        for run in self.active_runs():
+            run.train_mode()  # evaluation left the models in eval mode
         for key, members in groups.items():
             sampler = self.samplers[key]
             order = sampler.indices(epoch)
@@ -375,6 +377,7 @@ class Trainer:
         self.display.log(f"resumed after epoch {epoch} of {self.epochs}")
 
     def finish(self) -> Results:
+        self._write_meta()
         rows, best_rows = [], []
         for run in self.runs:
             variants = [run.name] + [f"{run.name}+{spec.name}" for spec in run.config.posthoc]
@@ -400,6 +403,11 @@ class Trainer:
         )
         self.display.print(console_table(rows, title=f"results after {self.epochs} epochs ({self.run_dir})"))
         return Results(self.run_dir, rows, best_rows)
+
+
+def _full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Losses see float32 logits under bf16 autocast (and float64 when a test runs in float64)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 def _headline(metrics: dict[str, Any]) -> float | None:

@@ -109,7 +109,7 @@ def console_table(rows: Sequence[dict[str, Any]], title: str = "results (last ep
 
 def write_tables(run_dir: Path, rows: Sequence[dict[str, Any]], best_rows: Sequence[dict[str, Any]] = ()) -> None:
     """Write results.md, results.csv and results.json (atomically) into ``run_dir``."""
-    from ibcore.engine.checkpoint import atomic_write_text
+    from ibcore.files import atomic_write_text
 
     markdown = "## Last epoch\n\n" + to_markdown(rows)
     if best_rows:

@@ -1,0 +1,305 @@
+"""The trainer: identical initialisation, shared batches, stages, NaN isolation, checkpoints, files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ibcore
+import ibcore.cli
+from ibcore.config import load_experiment
+from ibcore.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from ibcore.engine.trainer import Trainer
+from ibcore.errors import CheckpointError, TrainingError
+
+SGD = {"name": "sgd", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [3]}}
+
+
+def tiny_config(**trainer: Any) -> dict[str, Any]:
+    """Two epochs of small_cnn on the embedded long-tailed MNIST: seconds on two CPU cores."""
+    return {
+        "seed": 3,
+        "data": {"dataset": {"name": "mnist_lt", "params": {"imbalance_ratio": 100, "test_per_class": 20}},
+                 "batch_size": 128},
+        "trainer": {"epochs": 2, "eval_every": 1, "checkpoint_every": 1, "device": "cpu", **trainer},
+        "defaults": {"backbone": {"name": "small_cnn"}, "optimizer": SGD, "loss": {"name": "cross_entropy"}},
+        "runs": [{"name": "ce"}, {"name": "focal", "loss": {"name": "focal", "params": {"gamma": 1.0}}}],
+        "evaluators": [{"name": "accuracy"}, {"name": "shot_accuracy"}],
+    }
+
+
+def make_trainer(config: dict[str, Any], tmp_path: Path, name: str = "run") -> Trainer:
+    run_dir = tmp_path / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(load_experiment(config), run_dir, quiet=True)
+
+
+def state_of(trainer: Trainer, run: str) -> dict[str, torch.Tensor]:
+    model = next(r.model for r in trainer.runs if r.name == run)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if atol == 0.0:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key].float(), b[key].float(), atol=atol, rtol=atol, msg=key)
+
+
+def test_runs_with_the_same_backbone_start_identical_whatever_their_order(tmp_path: Path) -> None:
+    config = tiny_config()
+    config["runs"].insert(0, {"name": "cosine", "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}}})
+    forward = make_trainer(config, tmp_path, "forward")
+    reversed_config = copy.deepcopy(config)
+    reversed_config["runs"].reverse()
+    backward = make_trainer(reversed_config, tmp_path, "backward")
+    assert_same_state(state_of(forward, "ce"), state_of(forward, "focal"))
+    assert_same_state(state_of(forward, "ce"), state_of(backward, "ce"))
+    assert_same_state(state_of(forward, "cosine"), state_of(backward, "cosine"))
+    # a different backbone spec is a different model
+    assert not torch.equal(state_of(forward, "ce")["classifier.weight"], state_of(forward, "cosine")["classifier.weight"])
+
+
+@pytest.fixture
+def float64() -> Any:
+    """Run a test in float64, where the fused and sequential paths must agree to rounding error."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def fused_vs_sequential(tmp_path: Path, epochs: int) -> tuple[Trainer, Trainer]:
+    config = tiny_config(epochs=epochs)
+    config["runs"] = [
+        {"name": "ce"},
+        {"name": "focal", "loss": {"name": "focal", "params": {"gamma": 1.0}}},
+        {"name": "mixup", "mixer": {"name": "input_mixup", "params": {"alpha": 1.0}},
+         "optimizer": {"name": "sgd", "params": {"lr": 0.02, "momentum": 0.8, "nesterov": True,
+                                                 "no_weight_decay_on_bias_and_norm": True, "warmup_epochs": 1,
+                                                 "warmup_per_iteration": True}}},
+    ]
+    fused = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "fused")
+    sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
+    fused.fit()
+    sequential.fit()
+    assert fused.fused is not None and sequential.fused is None
+    assert json.loads((fused.run_dir / "meta.json").read_text())["fused_groups"] == [["ce", "focal", "mixup"]]
+    return fused, sequential
+
+
+def test_fused_training_matches_the_sequential_reference(tmp_path: Path, float64: None) -> None:
+    # Two epochs = 16 steps with momentum, Nesterov, weight decay exemptions, per-iteration warm-up,
+    # a mixer and BatchNorm statistics: in float64 the two paths agree to rounding error.
+    fused, sequential = fused_vs_sequential(tmp_path, epochs=2)
+    for run in ("ce", "focal", "mixup"):
+        assert_same_state(state_of(fused, run), state_of(sequential, run), atol=1e-9)
+        fused_opt = next(r.optimizer for r in fused.runs if r.name == run)
+        seq_opt = next(r.optimizer for r in sequential.runs if r.name == run)
+        for p_f, p_s in zip(fused_opt.param_groups[0]["params"], seq_opt.param_groups[0]["params"], strict=True):
+            torch.testing.assert_close(fused_opt.state[p_f]["momentum_buffer"], seq_opt.state[p_s]["momentum_buffer"],
+                                       atol=1e-9, rtol=1e-9)
+
+
+def test_fused_training_in_float32_stays_close_to_the_reference(tmp_path: Path) -> None:
+    # float32 sums in another order (grouped convolutions); after one epoch the weights still agree closely.
+    fused, sequential = fused_vs_sequential(tmp_path, epochs=1)
+    for run in ("ce", "focal", "mixup"):
+        a, b = state_of(fused, run), state_of(sequential, run)
+        for key in a:
+            if a[key].is_floating_point():
+                scale = b[key].abs().max().item() + 1e-3
+                assert (a[key] - b[key]).abs().max().item() <= 5e-3 * scale, key
+
+
+def test_runs_sharing_a_sampler_see_the_same_batches_and_others_get_their_own(tmp_path: Path) -> None:
+    config = tiny_config(fused="off")
+    config["runs"].append({"name": "balanced", "sampler": {"name": "class_balanced"}})
+    trainer = make_trainer(config, tmp_path)
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = trainer.train_step
+
+    def spy(run: Any, x: torch.Tensor, y: torch.Tensor, *args: Any) -> None:
+        seen.setdefault(run.name, []).append(y.clone())
+        original(run, x, y, *args)
+
+    trainer.train_step = spy  # type: ignore[method-assign]
+    trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(seen["ce"], seen["focal"], strict=True))
+    balanced = torch.cat(seen["balanced"][: len(seen["balanced"]) // 2])
+    natural = torch.cat(seen["ce"][: len(seen["ce"]) // 2])
+    # the class-balanced stream draws tail classes far more often than the natural one
+    assert (balanced >= 6).float().mean() > 3 * (natural >= 6).float().mean()
+
+
+def test_deferred_reweighting_stage_switches_class_weights_at_its_epoch(tmp_path: Path) -> None:
+    config = tiny_config(epochs=3)
+    config["runs"] = [{
+        "name": "ldam_drw",
+        "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}},
+        "loss": {"name": "ldam"},
+        "stages": [{"from_epoch": 2, "loss": {"name": "ldam", "params": {
+            "class_weights": {"name": "effective_number", "beta": 0.999}}}}],
+    }]
+    trainer = make_trainer(config, tmp_path)
+    weights_by_epoch = []
+    original = trainer.train_epoch
+
+    def spy(epoch: int) -> None:
+        weights_by_epoch.append(trainer.runs[0].loss.class_weights)
+        original(epoch)
+
+    trainer.train_epoch = spy  # type: ignore[method-assign]
+    trainer.fit()
+    assert weights_by_epoch[0] is None and weights_by_epoch[1] is None
+    weights = torch.as_tensor(weights_by_epoch[2])
+    counts = torch.tensor(trainer.context.class_counts, dtype=torch.float64)
+    expected = (1 - 0.999) / (1 - 0.999 ** counts)
+    expected = expected / expected.sum() * len(counts)
+    torch.testing.assert_close(weights.double().cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_retraining_freezes_the_backbone_and_retrains_the_classifier(tmp_path: Path) -> None:
+    config = tiny_config(epochs=3)
+    config["runs"] = [{
+        "name": "crt",
+        "stages": [{"from_epoch": 2, "retrain_classifier": True, "sampler": {"name": "class_balanced"},
+                    "optimizer": {"name": "sgd", "params": {"lr": 0.1, "momentum": 0.9}}}],
+    }]
+    trainer = make_trainer(config, tmp_path)
+    trainer.fit()
+    after_two = load_checkpoint(trainer.run_dir / "checkpoints" / "epoch-0002.pt")["runs"]["crt"]["model"]
+    final = state_of(trainer, "crt")
+    for key, value in final.items():
+        if key.startswith("classifier."):
+            assert not torch.equal(value, after_two[key]), f"{key} should have been retrained"
+        else:  # backbone weights and BatchNorm statistics stay frozen
+            assert torch.equal(value, after_two[key]), f"{key} changed during classifier re-training"
+
+
+NAN_PLUGIN = '''
+import torch
+import torch.nn.functional as F
+from ibcore import register_loss
+
+class _ExplodingLoss:
+    """Cross-entropy that turns NaN on its fourth call (to test that one failed run stops alone)."""
+    class_weights = None
+    def __init__(self):
+        self.calls = 0
+    def __call__(self, logits, targets, sample_weight=None):
+        self.calls += 1
+        loss = F.cross_entropy(logits, targets)
+        return loss * float("nan") if self.calls >= 4 else loss
+
+@register_loss("exploding_ce")
+def build_exploding(params, context):
+    """Cross-entropy that becomes NaN on the fourth step."""
+    return _ExplodingLoss()
+'''
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_the_others_finish(tmp_path: Path) -> None:
+    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
+    config = tiny_config(epochs=3, fused="off")
+    config["plugins"] = ["nan_plugin"]
+    config["runs"].append({"name": "exploding", "loss": {"name": "exploding_ce"}})
+    path = tmp_path / "exp.yaml"
+    path.write_text(json.dumps(config))
+    with ibcore.registry_snapshot():
+        results = ibcore.run(path, out_dir=tmp_path / "out", quiet=True)
+    status = {row["run"]: row["status"] for row in results.rows}
+    assert status["ce"] == "ok" and status["focal"] == "ok"
+    # the fourth call of the loss is epoch 0, batch 3
+    assert status["exploding"] == "failed: non-finite loss at epoch 0, batch 3"
+    assert results.row("ce")["epoch"] == 3 and results.row("ce")["acc@1 (%)"] > 0
+
+
+def test_results_files_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = ibcore.run(tiny_config(), out_dir=tmp_path, quiet=True)
+    run_dir = results.run_dir
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "results.md", "results.csv", "results.json", "train.log"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if line["split"] == "test"]
+    assert {(line["run"], line["epoch"]) for line in evals} == {("ce", 0), ("ce", 1), ("focal", 0), ("focal", 1)}
+    row = results.row("ce")
+    assert 0 <= row["acc@1 (%)"] <= 100 and {"many (%)", "medium (%)", "few (%)"} <= row.keys()
+    csv_header = (run_dir / "results.csv").read_text().splitlines()[0]
+    assert csv_header.startswith("run,epoch,acc@1 (%)")
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["seed"] == 3 and meta["torch"] == torch.__version__ and meta["class_counts"][0] == 480
+    (run_dir / "results.md").unlink()
+    assert ibcore.cli.main(["report", str(run_dir)]) == 0
+    assert "acc@1" in (run_dir / "results.md").read_text()
+
+
+def test_a_bad_override_fails_before_anything_is_written(tmp_path: Path) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text(json.dumps(tiny_config()))
+    rc = ibcore.cli.main(["run", str(config), "--quiet", "--out", str(tmp_path / "out"),
+                          "--set", "runs.ce.loss.params.gama=2"])
+    assert rc == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_directory_is_reported_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(TrainingError, match="cannot write the run directory"):
+        ibcore.run(tiny_config(), out_dir=blocker / "runs", quiet=True)
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    for epoch in (1, 2):
+        save_checkpoint(directory, epoch, {"format": 1, "epoch": epoch, "w": torch.full((3,), float(epoch))}, keep=3)
+    newest = directory / "epoch-0002.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a crash or a full disk
+    with pytest.warns(UserWarning, match="epoch-0002.pt: checksum mismatch"):
+        state = load_latest(directory)
+    assert state["epoch"] == 1
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    for epoch in range(1, 5):
+        save_checkpoint(directory, epoch, {"format": 1, "epoch": epoch}, keep=2)
+    assert sorted(p.name for p in directory.glob("*.pt")) == ["epoch-0003.pt", "epoch-0004.pt"]
+    assert not list(directory.glob("*.tmp"))
+
+
+class _Payload:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "payload": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+
+
+def test_resume_in_process_reaches_the_same_numbers(tmp_path: Path) -> None:
+    config = tiny_config(epochs=3)
+    config["runs"].append({"name": "mixup", "mixer": {"name": "input_mixup"}})
+    full = ibcore.run(config, out_dir=tmp_path / "full", quiet=True)
+    partial = make_trainer(config, tmp_path, "partial")
+    partial.epochs = 2  # stop early, as if killed after the checkpoint of epoch 2
+    partial.fit()
+    resumed = Trainer(load_experiment(config), partial.run_dir, quiet=True)
+    resumed.restore(load_latest(partial.run_dir / "checkpoints"))
+    results = resumed.fit()
+    for run in ("ce", "focal", "mixup"):
+        assert_same_state(state_of(resumed, run), {k: v for k, v in load_checkpoint(
+            full.run_dir / "checkpoints" / "epoch-0003.pt")["runs"][run]["model"].items()})
+        assert results.row(run)["acc@1 (%)"] == full.row(run)["acc@1 (%)"]
