@@ -1,0 +1,97 @@
+"""Shared fixtures: run the ``ib`` command in-process (fast) or in a fresh interpreter (isolated)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+# Wide enough that rich never wraps a table cell, so a row ("poly1 | ib-plugin-demo 0.1.0 | ...") stays on one line.
+_COLUMNS = "250"
+
+
+@dataclasses.dataclass
+class CliResult:
+    """Exit code and captured output of one ``ib`` invocation."""
+
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def output(self) -> str:
+        return self.out + self.err
+
+    def line_with(self, text: str) -> str:
+        """The first output line that contains ``text`` (fails the test when there is none)."""
+        for line in self.output.splitlines():
+            if text in line:
+                return line
+        raise AssertionError(f"no output line contains {text!r}:\n{self.output}")
+
+
+@pytest.fixture
+def ib_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., CliResult]:
+    """``ib_cli("list", "losses")`` runs ``ibcore.cli.main`` in this process and captures its output.
+
+    argparse's own exits (``--help``, ``--version``, usage errors) become the result's ``rc``.
+    """
+    from ibcore.cli import main
+
+    monkeypatch.setenv("COLUMNS", _COLUMNS)
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()  # drop anything printed before this call
+        try:
+            rc = main(list(args))
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(rc, out, err)
+
+    return run
+
+
+def subprocess_env(python_path: Sequence[Path | str] = (), **env: str) -> dict[str, str]:
+    """The environment of an isolated ``ib`` process: no inherited IB_* switches, wide output."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IB_") and k != "PYTHONPATH"}
+    clean["COLUMNS"] = _COLUMNS
+    if python_path:
+        clean["PYTHONPATH"] = os.pathsep.join(str(p) for p in python_path)
+    clean.update(env)
+    return clean
+
+
+@pytest.fixture
+def ib_subprocess(tmp_path: Path) -> Callable[..., CliResult]:
+    """``ib_subprocess(["list"], python_path=[...], env={...})`` runs ``python -m ibcore.cli`` in a new process.
+
+    The working directory is ``tmp_path`` (not the repository), so only what is installed or on
+    ``python_path`` can be imported. ``code=`` runs ``python -c code`` instead of the CLI.
+    """
+
+    def run(
+        args: Sequence[str] = (),
+        *,
+        python_path: Sequence[Path | str] = (),
+        env: dict[str, str] | None = None,
+        code: str | None = None,
+        timeout: float = 120,
+    ) -> CliResult:
+        command = [sys.executable, "-c", code] if code is not None else [sys.executable, "-m", "ibcore.cli"]
+        done = subprocess.run(
+            [*command, *args],
+            cwd=tmp_path,
+            env=subprocess_env(python_path, **(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return CliResult(done.returncode, done.stdout, done.stderr)
+
+    return run
