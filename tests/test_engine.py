@@ -25,8 +25,10 @@ def tiny_config(**trainer: Any) -> dict[str, Any]:
     """Two epochs of small_cnn on the embedded long-tailed MNIST: seconds on two CPU cores."""
     return {
         "seed": 3,
-        "data": {"dataset": {"name": "mnist_lt", "params": {"imbalance_ratio": 100, "test_per_class": 20}},
-                 "batch_size": 128},
+        "data": {
+            "dataset": {"name": "mnist_lt", "params": {"imbalance_ratio": 100, "test_per_class": 20}},
+            "batch_size": 128,
+        },
         "trainer": {"epochs": 2, "eval_every": 1, "checkpoint_every": 1, "device": "cpu", **trainer},
         "defaults": {"backbone": {"name": "small_cnn"}, "optimizer": SGD, "loss": {"name": "cross_entropy"}},
         "runs": [{"name": "ce"}, {"name": "focal", "loss": {"name": "focal", "params": {"gamma": 1.0}}}],
@@ -65,7 +67,9 @@ def test_runs_with_the_same_backbone_start_identical_whatever_their_order(tmp_pa
     assert_same_state(state_of(forward, "ce"), state_of(backward, "ce"))
     assert_same_state(state_of(forward, "cosine"), state_of(backward, "cosine"))
     # a different backbone spec is a different model
-    assert not torch.equal(state_of(forward, "ce")["classifier.weight"], state_of(forward, "cosine")["classifier.weight"])
+    assert not torch.equal(
+        state_of(forward, "ce")["classifier.weight"], state_of(forward, "cosine")["classifier.weight"]
+    )
 
 
 @pytest.fixture
@@ -82,10 +86,21 @@ def fused_vs_sequential(tmp_path: Path, epochs: int) -> tuple[Trainer, Trainer]:
     config["runs"] = [
         {"name": "ce"},
         {"name": "focal", "loss": {"name": "focal", "params": {"gamma": 1.0}}},
-        {"name": "mixup", "mixer": {"name": "input_mixup", "params": {"alpha": 1.0}},
-         "optimizer": {"name": "sgd", "params": {"lr": 0.02, "momentum": 0.8, "nesterov": True,
-                                                 "no_weight_decay_on_bias_and_norm": True, "warmup_epochs": 1,
-                                                 "warmup_per_iteration": True}}},
+        {
+            "name": "mixup",
+            "mixer": {"name": "input_mixup", "params": {"alpha": 1.0}},
+            "optimizer": {
+                "name": "sgd",
+                "params": {
+                    "lr": 0.02,
+                    "momentum": 0.8,
+                    "nesterov": True,
+                    "no_weight_decay_on_bias_and_norm": True,
+                    "warmup_epochs": 1,
+                    "warmup_per_iteration": True,
+                },
+            },
+        },
     ]
     fused = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "fused")
     sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
@@ -105,8 +120,9 @@ def test_fused_training_matches_the_sequential_reference(tmp_path: Path, float64
         fused_opt = next(r.optimizer for r in fused.runs if r.name == run)
         seq_opt = next(r.optimizer for r in sequential.runs if r.name == run)
         for p_f, p_s in zip(fused_opt.param_groups[0]["params"], seq_opt.param_groups[0]["params"], strict=True):
-            torch.testing.assert_close(fused_opt.state[p_f]["momentum_buffer"], seq_opt.state[p_s]["momentum_buffer"],
-                                       atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(
+                fused_opt.state[p_f]["momentum_buffer"], seq_opt.state[p_s]["momentum_buffer"], atol=1e-9, rtol=1e-9
+            )
 
 
 def test_fused_training_in_float32_stays_close_to_the_reference(tmp_path: Path) -> None:
@@ -142,13 +158,19 @@ def test_runs_sharing_a_sampler_see_the_same_batches_and_others_get_their_own(tm
 
 def test_deferred_reweighting_stage_switches_class_weights_at_its_epoch(tmp_path: Path) -> None:
     config = tiny_config(epochs=3)
-    config["runs"] = [{
-        "name": "ldam_drw",
-        "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}},
-        "loss": {"name": "ldam"},
-        "stages": [{"from_epoch": 2, "loss": {"name": "ldam", "params": {
-            "class_weights": {"name": "effective_number", "beta": 0.999}}}}],
-    }]
+    config["runs"] = [
+        {
+            "name": "ldam_drw",
+            "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}},
+            "loss": {"name": "ldam"},
+            "stages": [
+                {
+                    "from_epoch": 2,
+                    "loss": {"name": "ldam", "params": {"class_weights": {"name": "effective_number", "beta": 0.999}}},
+                }
+            ],
+        }
+    ]
     trainer = make_trainer(config, tmp_path)
     weights_by_epoch = []
     original = trainer.train_epoch
@@ -162,18 +184,26 @@ def test_deferred_reweighting_stage_switches_class_weights_at_its_epoch(tmp_path
     assert weights_by_epoch[0] is None and weights_by_epoch[1] is None
     weights = torch.as_tensor(weights_by_epoch[2])
     counts = torch.tensor(trainer.context.class_counts, dtype=torch.float64)
-    expected = (1 - 0.999) / (1 - 0.999 ** counts)
+    expected = (1 - 0.999) / (1 - 0.999**counts)
     expected = expected / expected.sum() * len(counts)
     torch.testing.assert_close(weights.double().cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_classifier_retraining_freezes_the_backbone_and_retrains_the_classifier(tmp_path: Path) -> None:
     config = tiny_config(epochs=3)
-    config["runs"] = [{
-        "name": "crt",
-        "stages": [{"from_epoch": 2, "retrain_classifier": True, "sampler": {"name": "class_balanced"},
-                    "optimizer": {"name": "sgd", "params": {"lr": 0.1, "momentum": 0.9}}}],
-    }]
+    config["runs"] = [
+        {
+            "name": "crt",
+            "stages": [
+                {
+                    "from_epoch": 2,
+                    "retrain_classifier": True,
+                    "sampler": {"name": "class_balanced"},
+                    "optimizer": {"name": "sgd", "params": {"lr": 0.1, "momentum": 0.9}},
+                }
+            ],
+        }
+    ]
     trainer = make_trainer(config, tmp_path)
     trainer.fit()
     after_two = load_checkpoint(trainer.run_dir / "checkpoints" / "epoch-0002.pt")["runs"]["crt"]["model"]
@@ -245,8 +275,9 @@ def test_results_files_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_a_bad_override_fails_before_anything_is_written(tmp_path: Path) -> None:
     config = tmp_path / "exp.yaml"
     config.write_text(json.dumps(tiny_config()))
-    rc = ibcore.cli.main(["run", str(config), "--quiet", "--out", str(tmp_path / "out"),
-                          "--set", "runs.ce.loss.params.gama=2"])
+    rc = ibcore.cli.main(
+        ["run", str(config), "--quiet", "--out", str(tmp_path / "out"), "--set", "runs.ce.loss.params.gama=2"]
+    )
     assert rc == 1
     assert not (tmp_path / "out").exists()
 
@@ -300,6 +331,13 @@ def test_resume_in_process_reaches_the_same_numbers(tmp_path: Path) -> None:
     resumed.restore(load_latest(partial.run_dir / "checkpoints"))
     results = resumed.fit()
     for run in ("ce", "focal", "mixup"):
-        assert_same_state(state_of(resumed, run), {k: v for k, v in load_checkpoint(
-            full.run_dir / "checkpoints" / "epoch-0003.pt")["runs"][run]["model"].items()})
+        assert_same_state(
+            state_of(resumed, run),
+            {
+                k: v
+                for k, v in load_checkpoint(full.run_dir / "checkpoints" / "epoch-0003.pt")["runs"][run][
+                    "model"
+                ].items()
+            },
+        )
         assert results.row(run)["acc@1 (%)"] == full.row(run)["acc@1 (%)"]

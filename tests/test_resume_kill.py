@@ -14,17 +14,24 @@ import pytest
 
 CONFIG = {
     "seed": 11,
-    "data": {"dataset": {"name": "mnist_lt", "params": {"imbalance_ratio": 50, "test_per_class": 20}},
-             "batch_size": 64},
+    "data": {
+        "dataset": {"name": "mnist_lt", "params": {"imbalance_ratio": 50, "test_per_class": 20}},
+        "batch_size": 64,
+    },
     "trainer": {"epochs": 6, "eval_every": 2, "checkpoint_every": 1, "keep_checkpoints": 2, "device": "cpu"},
-    "defaults": {"backbone": {"name": "small_cnn"},
-                 "optimizer": {"name": "sgd", "params": {"lr": 0.05, "milestones": [4]}},
-                 "loss": {"name": "cross_entropy"}},
+    "defaults": {
+        "backbone": {"name": "small_cnn"},
+        "optimizer": {"name": "sgd", "params": {"lr": 0.05, "milestones": [4]}},
+        "loss": {"name": "cross_entropy"},
+    },
     "runs": [
         {"name": "ce"},
-        {"name": "ldam_drw", "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}},
-         "loss": {"name": "ldam"},
-         "stages": [{"from_epoch": 4, "loss": {"name": "ldam", "params": {"class_weights": {"name": "inverse"}}}}]},
+        {
+            "name": "ldam_drw",
+            "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}},
+            "loss": {"name": "ldam"},
+            "stages": [{"from_epoch": 4, "loss": {"name": "ldam", "params": {"class_weights": {"name": "inverse"}}}}],
+        },
         {"name": "mixup", "mixer": {"name": "input_mixup"}},
         {"name": "balanced", "sampler": {"name": "class_balanced"}},
     ],
@@ -49,13 +56,22 @@ def test_killed_run_resumes_to_the_same_final_numbers(tmp_path: Path) -> None:
     config.write_text(json.dumps(CONFIG))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    uninterrupted = subprocess.run(ib("run", str(config), "--quiet", "--out", str(tmp_path / "a")),
-                                   env=env, capture_output=True, text=True, timeout=600)
+    uninterrupted = subprocess.run(
+        ib("run", str(config), "--quiet", "--out", str(tmp_path / "a")),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     (expected_dir,) = (tmp_path / "a").iterdir()
 
-    process = subprocess.Popen(ib("run", str(config), "--quiet", "--out", str(tmp_path / "b")), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        ib("run", str(config), "--quiet", "--out", str(tmp_path / "b")),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     run_dir = None
     while time.monotonic() < deadline:
@@ -70,8 +86,9 @@ def test_killed_run_resumes_to_the_same_final_numbers(tmp_path: Path) -> None:
     assert max(checkpointed_epochs(run_dir)) < 6, "the run finished before it could be killed"
     assert not (run_dir / "results.json").exists()
 
-    resumed = subprocess.run(ib("resume", str(run_dir), "--quiet"), env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        ib("resume", str(run_dir), "--quiet"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     expected = json.loads((expected_dir / "results.json").read_text())["last"]
