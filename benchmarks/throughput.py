@@ -88,15 +88,22 @@ def load_arrays(path: str, shape: str) -> dict[str, Any]:
             images, labels = archive["images"][..., None], archive["labels"].astype(np.int64)
         first = np.concatenate([np.flatnonzero(labels == c)[:400] for c in range(10)])
         rest = np.setdiff1d(np.arange(len(labels)), first)
-        arrays = {"train_images": images[first], "train_labels": labels[first],
-                  "test_images": images[rest], "test_labels": labels[rest]}
+        arrays = {
+            "train_images": images[first],
+            "train_labels": labels[first],
+            "test_images": images[rest],
+            "test_labels": labels[rest],
+        }
     else:  # CIFAR-10-LT IR100 shaped random data
         counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
         rng = np.random.default_rng(0)
         labels = np.repeat(np.arange(10), counts)
-        arrays = {"train_images": rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8),
-                  "train_labels": labels, "test_images": rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8),
-                  "test_labels": np.repeat(np.arange(10), 100)}
+        arrays = {
+            "train_images": rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8),
+            "train_labels": labels,
+            "test_images": rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8),
+            "test_labels": np.repeat(np.arange(10), 100),
+        }
     _ARRAYS[(path, shape)] = arrays
     return arrays
 
@@ -113,8 +120,10 @@ def build_benchmark_arrays(params: BenchParams, context: Any) -> ArrayDataset:
     arrays = load_arrays(params.path, params.shape)
     spec = augment_for(params.shape)
     test_spec = AugmentSpec(mean=spec.mean, std=spec.std)
-    return ArrayDataset(ArraySplit(arrays["train_images"], arrays["train_labels"], 10, spec),
-                        ArraySplit(arrays["test_images"], arrays["test_labels"], 10, test_spec))
+    return ArrayDataset(
+        ArraySplit(arrays["train_images"], arrays["train_labels"], 10, spec),
+        ArraySplit(arrays["test_images"], arrays["test_labels"], 10, test_spec),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,21 +145,30 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(pil), int(self.labels[index])
 
 
-def plain_loop(k: int, shape: str, path: str, backbone: str, epochs: int, batch: int, device: torch.device,
-               workers: int) -> float:
+def plain_loop(
+    k: int, shape: str, path: str, backbone: str, epochs: int, batch: int, device: torch.device, workers: int
+) -> float:
     """Seconds per epoch (after one warm-up epoch) summed over K runs trained one after another."""
     arrays = load_arrays(path, shape)
     spec = augment_for(shape)
     size = arrays["train_images"].shape[1]
-    transform = T.Compose([
-        T.RandomCrop(size, padding=spec.pad),
-        *([T.RandomHorizontalFlip()] if spec.flip else []),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
-    ])
+    transform = T.Compose(
+        [
+            T.RandomCrop(size, padding=spec.pad),
+            *([T.RandomHorizontalFlip()] if spec.flip else []),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
     dataset = PILDataset(arrays["train_images"], arrays["train_labels"], transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     context = ibcore.BuildContext(num_classes=10, class_counts=tuple(np.bincount(arrays["train_labels"]).tolist()))
     total = 0.0
     for run in range(k):
@@ -179,19 +197,43 @@ def plain_loop(k: int, shape: str, path: str, backbone: str, epochs: int, batch:
 # (b), (c) The engine.
 
 
-def engine(k: int, fused: str, shape: str, path: str, backbone: str, epochs: int, batch: int, device: torch.device,
-           precision: str) -> float:
+def engine(
+    k: int,
+    fused: str,
+    shape: str,
+    path: str,
+    backbone: str,
+    epochs: int,
+    batch: int,
+    device: torch.device,
+    precision: str,
+) -> float:
     """Seconds per epoch (after one warm-up epoch) of the engine training K runs together."""
-    losses = [{"name": "cross_entropy"}, {"name": "focal", "params": {"gamma": 1.0}}, {"name": "balanced_softmax"},
-              {"name": "ldam", "params": {"s": 1.0}}]
+    losses = [
+        {"name": "cross_entropy"},
+        {"name": "focal", "params": {"gamma": 1.0}},
+        {"name": "balanced_softmax"},
+        {"name": "ldam", "params": {"s": 1.0}},
+    ]
     config = {
         "seed": 0,
-        "data": {"dataset": {"name": "benchmark_arrays", "params": {"path": path, "shape": shape}},
-                 "batch_size": batch},
-        "trainer": {"epochs": epochs + 1, "device": str(device), "precision": precision, "eval_every": 10_000,
-                    "checkpoint_every": 10_000, "fused": fused, "data_on_device": "on"},
-        "defaults": {"backbone": {"name": backbone},
-                     "optimizer": {"name": "sgd", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4}}},
+        "data": {
+            "dataset": {"name": "benchmark_arrays", "params": {"path": path, "shape": shape}},
+            "batch_size": batch,
+        },
+        "trainer": {
+            "epochs": epochs + 1,
+            "device": str(device),
+            "precision": precision,
+            "eval_every": 10_000,
+            "checkpoint_every": 10_000,
+            "fused": fused,
+            "data_on_device": "on",
+        },
+        "defaults": {
+            "backbone": {"name": backbone},
+            "optimizer": {"name": "sgd", "params": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2e-4}},
+        },
         "runs": [{"name": f"run{i}", "loss": losses[i % len(losses)]} for i in range(k)],
         "evaluators": [{"name": "accuracy"}],
     }
@@ -222,29 +264,48 @@ def main() -> None:
     if cuda:
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
-    print(f"device: {name}; torch {torch.__version__}; {os.cpu_count()} CPU cores; backbone {backbone}; batch {batch}; "
-          f"engine precision {precision}; data: {args.data or 'synthetic ' + shape + '-shaped'}")
+    print(
+        f"device: {name}; torch {torch.__version__}; {os.cpu_count()} CPU cores; backbone {backbone}; batch {batch}; "
+        f"engine precision {precision}; data: {args.data or 'synthetic ' + shape + '-shaped'}"
+    )
     images = len(load_arrays(args.data, shape)["train_labels"])
     rows = []
     for k in ks:
         plain = plain_loop(k, shape, args.data, backbone, epochs, batch, device, workers)
         sequential = engine(k, "off", shape, args.data, backbone, epochs, batch, device, precision)
         fused = engine(k, "on", shape, args.data, backbone, epochs, batch, device, precision) if k > 1 else sequential
-        row = {"K": k, "images_per_epoch": images,
-               "plain_img_s_per_run": images / (plain / k), "sequential_img_s_per_run": images / (sequential / k),
-               "fused_img_s_per_run": images / (fused / k),
-               "sequential_vs_plain": plain / sequential, "fused_vs_plain": plain / fused}
+        row = {
+            "K": k,
+            "images_per_epoch": images,
+            "plain_img_s_per_run": images / (plain / k),
+            "sequential_img_s_per_run": images / (sequential / k),
+            "fused_img_s_per_run": images / (fused / k),
+            "sequential_vs_plain": plain / sequential,
+            "fused_vs_plain": plain / fused,
+        }
         if cuda:
             total = images * k / fused
-            peak = next((v for key, v in DENSE_BF16_PEAK.items() if key.split()[0] in name and
-                         (len(key.split()) == 1 or key.split()[1] in name)), None) or DENSE_BF16_PEAK["H100 SXM"]
+            peak = (
+                next(
+                    (
+                        v
+                        for key, v in DENSE_BF16_PEAK.items()
+                        if key.split()[0] in name and (len(key.split()) == 1 or key.split()[1] in name)
+                    ),
+                    None,
+                )
+                or DENSE_BF16_PEAK["H100 SXM"]
+            )
             row["fused_fraction_of_bf16_peak"] = total * RESNET32_FLOPS_PER_TRAIN_IMAGE / peak
         rows.append(row)
-        print(f"K={k}: img/s per run  plain {row['plain_img_s_per_run']:8.0f}  engine-sequential "
-              f"{row['sequential_img_s_per_run']:8.0f}  engine-fused {row['fused_img_s_per_run']:8.0f}   "
-              f"total throughput vs plain: sequential {row['sequential_vs_plain']:.2f}x  fused {row['fused_vs_plain']:.2f}x"
-              + (f"   fused at {100 * row['fused_fraction_of_bf16_peak']:.1f}% of dense bf16 peak" if cuda else ""),
-              flush=True)
+        print(
+            f"K={k}: img/s per run  plain {row['plain_img_s_per_run']:8.0f}  engine-sequential "
+            f"{row['sequential_img_s_per_run']:8.0f}  engine-fused {row['fused_img_s_per_run']:8.0f}   "
+            f"total throughput vs plain: sequential {row['sequential_vs_plain']:.2f}x  "
+            f"fused {row['fused_vs_plain']:.2f}x"
+            + (f"   fused at {100 * row['fused_fraction_of_bf16_peak']:.1f}% of dense bf16 peak" if cuda else ""),
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=2))
 
