@@ -80,7 +80,11 @@ class _Group:
             n: shape(torch.tensor([g["momentum"] for g in gs], device=device), self.params[n].dim())
             for n, gs in zip(self.names, self.groups, strict=False)
         }
-        self.nesterov = {n: [bool(g["nesterov"]) for g in gs] for n, gs in zip(self.names, self.groups, strict=False)}
+        self.nesterov_mask: dict[str, torch.Tensor | None] = {}
+        for n, gs in zip(self.names, self.groups, strict=True):
+            flags = [bool(g["nesterov"]) for g in gs]
+            mask = shape(torch.tensor(flags, device=device), self.params[n].dim())
+            self.nesterov_mask[n] = mask if any(flags) else None
         self._call = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
         self._call_each = vmap(self._forward, in_dims=(0, 0, 0), randomness="different")
 
@@ -95,7 +99,9 @@ class _Group:
     def sgd_step(self) -> None:
         """torch.optim.SGD's update (dampening 0), with each run's lr, weight decay and momentum."""
         device = self.params[self.names[0]].device
-        lrs = torch.tensor([[g["lr"] for g in gs] for gs in self.groups], device=device)
+        # Learning rates change every step: copy them from pinned memory without waiting (no host sync).
+        host = torch.tensor([[g["lr"] for g in gs] for gs in self.groups], pin_memory=device.type == "cuda")
+        lrs = host.to(device, non_blocking=True)
         for j, name in enumerate(self.names):
             p = self.params[name]
             if p.grad is None:
@@ -104,9 +110,8 @@ class _Group:
             d_p = p.grad + self.weight_decay[name] * p
             buf = self.momentum_buffers[name]
             buf.mul_(self.momentum[name]).add_(d_p)
-            nesterov = self.nesterov[name]
-            if any(nesterov):
-                mask = torch.tensor(nesterov, device=device).view(-1, *([1] * (p.dim() - 1)))
+            mask = self.nesterov_mask[name]
+            if mask is not None:
                 update = torch.where(mask, d_p + self.momentum[name] * buf, buf)
             else:
                 update = buf
@@ -123,8 +128,6 @@ class _Group:
                 assert run.optimizer is not None
                 state = run.optimizer.state[parameters[name]]
                 state["momentum_buffer"] = self.momentum_buffers[name][k].clone()
-                if "step" not in state and isinstance(run.optimizer, torch.optim.SGD):
-                    pass  # torch SGD keeps no step counter
             buffers = dict(run.model.named_buffers())
             for name, value in self.buffers.items():
                 buffers[name].copy_(value[k])
