@@ -163,6 +163,11 @@ def _cross_field_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                         "the stage changes nothing; set loss, sampler, mixer, optimizer or retrain_classifier",
                     )
                 )
+        adjustments = [_get(a, "name") for _, a in _items(run.get("posthoc"))]
+        for j, adjustment in enumerate(adjustments):
+            if isinstance(adjustment, str) and adjustment in adjustments[:j]:
+                message = f"post-hoc adjustment {adjustment!r} is listed twice (each is reported as its own row)"
+                issues.append(ConfigIssue(f"runs[{i}].posthoc[{j}].name", message))
     names = [_get(e, "name") for _, e in _items(_get(data, "evaluators"))]
     for i, name in enumerate(names):
         if isinstance(name, str) and name in names[:i]:
