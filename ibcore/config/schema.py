@@ -74,10 +74,28 @@ SPEC_KINDS: dict[type[ComponentSpec], str] = {
 
 class DataConfig(_Strict):
     dataset: DatasetSpec
-    batch_size: int = Field(128, ge=1, le=1 << 20, description="Training batch size (per process).")
+    batch_size: int = Field(
+        128, ge=1, le=1 << 20, description="Training batch size; the global batch under torchrun data_parallel."
+    )
     eval_batch_size: int | None = Field(None, ge=1, le=1 << 20, description="Defaults to 2 x batch_size.")
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers (datasets not kept on the device).")
     drop_last: bool = Field(False, description="Drop the last incomplete training batch of each epoch.")
+
+
+class DistributedConfig(_Strict):
+    """How a ``torchrun`` launch splits the work (ignored in a single process); see docs/distributed.md."""
+
+    mode: Literal["data_parallel", "runs_parallel"] = Field(
+        "data_parallel",
+        description="data_parallel: DDP, each rank takes a slice of every global batch; "
+        "runs_parallel: rank r trains runs[r::world] on the full batch stream.",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="data_parallel: BatchNorm statistics over the global batch instead of each rank's slice."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; auto is nccl on CUDA, gloo on the CPU."
+    )
 
 
 class TrainerConfig(_Strict):
@@ -96,6 +114,10 @@ class TrainerConfig(_Strict):
     )
     compile: bool = Field(False, description="torch.compile the training step (CUDA).")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,  # type: ignore[arg-type]
+        description="Multi-process training under torchrun.",
+    )
 
 
 class StageConfig(_Strict):

@@ -1,4 +1,4 @@
-"""The engine: ``run`` an experiment, ``resume`` an interrupted one."""
+"""The engine: ``run`` an experiment, ``resume`` an interrupted one (in one process or under ``torchrun``)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,19 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ibcore.config import load_experiment
 from ibcore.config.schema import Experiment
-from ibcore.errors import TrainingError
+from ibcore.errors import IbError, TrainingError
 from ibcore.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from ibcore.engine.distributed import Distributed
 
 
 def _run_dir(parent: Path, name: str) -> Path:
@@ -46,27 +50,63 @@ def run(
 ) -> Any:
     """Validate ``source`` (path, mapping or Experiment) in full, then train all its runs together.
 
-    Returns :class:`~ibcore.engine.trainer.Results`: the run directory and one row per run.
+    Under ``torchrun`` every process calls this: rank 0 creates the run directory and tells the
+    others its path. Returns :class:`~ibcore.engine.trainer.Results`: the run directory and one row per run.
     """
     experiment = (
         source if isinstance(source, Experiment) and not overrides else load_experiment(source, overrides=overrides)
     )
     name = Path(source).stem if isinstance(source, (str, Path)) else "experiment"
     config_dir = str(Path(source).resolve().parent) if isinstance(source, (str, Path)) else None
-    run_dir = _run_dir(Path(out_dir or experiment.trainer.out_dir), name)
-    resolved = experiment.model_dump(mode="json")
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    atomic_write_text(run_dir / "origin.json", json.dumps({"config": str(source), "config_dir": config_dir}) + "\n")
-    from ibcore.engine.trainer import Trainer  # torch is imported only once the config is valid
+    # torch is imported only once the config is valid
+    from ibcore.engine.distributed import init_distributed
+    from ibcore.engine.trainer import Trainer, resolve_device
 
-    trainer = Trainer(experiment, run_dir, quiet=quiet)
-    return trainer.fit()
+    def prepare() -> Path:
+        run_dir = _run_dir(Path(out_dir or experiment.trainer.out_dir), name)
+        resolved = experiment.model_dump(mode="json")
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        origin = {"config": str(source), "config_dir": config_dir}
+        atomic_write_text(run_dir / "origin.json", json.dumps(origin) + "\n")
+        return run_dir
+
+    distributed = init_distributed(experiment.trainer, resolve_device(experiment.trainer.device))
+    try:
+        distributed.local_batch(experiment.data.batch_size)  # refuse an uneven split before writing anything
+        run_dir = _on_rank_zero(distributed, prepare)
+        results = Trainer(experiment, run_dir, quiet=quiet, distributed=distributed).fit()
+        distributed.barrier()  # no rank leaves the group while another still uses it (rank 0 writes the tables)
+        return results
+    finally:
+        distributed.close()
+
+
+def _on_rank_zero(distributed: Distributed, make_dir: Callable[[], Path]) -> Path:
+    """``make_dir()`` on rank 0; every rank gets its path, or the error it raised."""
+    if not distributed.enabled:
+        return Path(make_dir())
+    outcome: tuple[str, str]
+    if distributed.is_main:
+        try:
+            outcome = ("ok", str(make_dir()))
+        except IbError as exc:
+            distributed.broadcast_object(("error", str(exc)))
+            raise
+    outcome = distributed.broadcast_object(outcome if distributed.is_main else None)
+    if outcome[0] == "error":
+        raise TrainingError(f"rank 0 could not prepare the run directory: {outcome[1]}")
+    return Path(outcome[1])
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> Any:
-    """Continue an interrupted experiment from its newest valid checkpoint."""
+    """Continue an interrupted experiment from its newest valid checkpoint.
+
+    Under ``torchrun`` every rank loads the same checkpoint (the run directory must be readable by
+    every process); the world size and mode must be those the checkpoint was written with.
+    """
     from ibcore.engine.checkpoint import load_latest
-    from ibcore.engine.trainer import Trainer
+    from ibcore.engine.distributed import check_resume_world, init_distributed
+    from ibcore.engine.trainer import Trainer, resolve_device
 
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
@@ -82,9 +122,20 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> Any:
         sys.path.insert(0, config_dir)  # plugins: next to the original config file
     experiment = load_experiment(config)
     state = load_latest(run_dir / "checkpoints")
-    trainer = Trainer(experiment, run_dir, quiet=quiet)
-    trainer.restore(state)
-    return trainer.fit()
+    distributed = init_distributed(experiment.trainer, resolve_device(experiment.trainer.device))
+    try:
+        check_resume_world(state, distributed, run_dir)  # before any data is loaded
+        epochs = distributed.all_gather_object(int(state["epoch"]))
+        if len(set(epochs)) != 1:
+            raise TrainingError(f"the ranks found different latest checkpoints in {run_dir} (epochs {epochs})")
+        trainer = Trainer(experiment, run_dir, quiet=quiet, distributed=distributed)
+        trainer.restore(state)
+        results = trainer.fit()
+        del trainer
+        distributed.barrier()
+        return results
+    finally:
+        distributed.close()
 
 
 __all__ = ["resume", "run"]

@@ -18,26 +18,41 @@ from torch import Tensor
 from ibcore.protocols import AugmentSpec, is_tensor_split
 
 
-def augment_batch(images: Tensor, spec: AugmentSpec, generator: torch.Generator | None, train: bool) -> Tensor:
+def augment_batch(
+    images: Tensor,
+    spec: AugmentSpec,
+    generator: torch.Generator | None,
+    train: bool,
+    shard: tuple[int, int] = (0, 1),
+) -> Tensor:
     """uint8 (N, C, H, W) → float, with a per-sample random crop and flip when ``train``.
 
     Each sample draws its own crop offset and flip (torchvision.transforms.v2 on a batch would draw
-    one crop for the whole batch).
+    one crop for the whole batch). With ``shard=(rank, world)`` the batch is rank ``rank``'s slice
+    (positions ``rank::world``) of a global batch of ``N * world``: the draws are made for the whole
+    global batch and the slice's rows kept, so a data-parallel run augments every sample exactly as
+    a single process with the same global batch does.
     """
     x = images.to(torch.get_default_dtype())  # float32 unless a test asks for float64
     n, _, h, w = x.shape
+    rank, world = shard
+    draws = n * world
+
+    def pick(values: Tensor) -> Tensor:
+        return values if world == 1 else values[rank::world]
+
     if train and spec.pad > 0:
         padded = F.pad(x, (spec.pad, spec.pad, spec.pad, spec.pad))
         span = 2 * spec.pad + 1
-        oy = torch.randint(0, span, (n,), generator=generator, device=images.device)
-        ox = torch.randint(0, span, (n,), generator=generator, device=images.device)
+        oy = pick(torch.randint(0, span, (draws,), generator=generator, device=images.device))
+        ox = pick(torch.randint(0, span, (draws,), generator=generator, device=images.device))
         rows = (oy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
         batch = torch.arange(n, device=images.device)[:, None, None, None]
         channels = torch.arange(x.shape[1], device=images.device)[None, :, None, None]
         x = padded[batch, channels, rows, cols]
     if train and spec.flip:
-        flip = torch.rand(n, generator=generator, device=images.device) < 0.5
+        flip = pick(torch.rand(draws, generator=generator, device=images.device)) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -57,18 +72,27 @@ class DeviceData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batch(self, indices: Tensor, generator: torch.Generator | None, train: bool) -> tuple[Tensor, Tensor]:
-        return augment_batch(self.images[indices], self.augment, generator, train), self.labels[indices]
+    def batch(
+        self, indices: Tensor, generator: torch.Generator | None, train: bool, shard: tuple[int, int] = (0, 1)
+    ) -> tuple[Tensor, Tensor]:
+        return augment_batch(self.images[indices], self.augment, generator, train, shard), self.labels[indices]
 
     def iterate(
-        self, order: np.ndarray, batch_size: int, generator: torch.Generator | None, train: bool, drop_last: bool
+        self,
+        order: np.ndarray,
+        batch_size: int,
+        generator: torch.Generator | None,
+        train: bool,
+        drop_last: bool,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of ``order``; ``shard=(rank, world)``: ``order`` is one rank's slice (see :func:`augment_batch`)."""
         index = torch.as_tensor(order, dtype=torch.long, device=self.device)
         for start in range(0, len(index), batch_size):
             chunk = index[start : start + batch_size]
             if drop_last and len(chunk) < batch_size:
                 return
-            yield self.batch(chunk, generator, train)
+            yield self.batch(chunk, generator, train, shard)
 
 
 class LoaderData:
@@ -83,8 +107,16 @@ class LoaderData:
         return len(self.split)
 
     def iterate(
-        self, order: np.ndarray, batch_size: int, generator: torch.Generator | None, train: bool, drop_last: bool
+        self,
+        order: np.ndarray,
+        batch_size: int,
+        generator: torch.Generator | None,
+        train: bool,
+        drop_last: bool,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches of ``order``; the dataset's own transforms augment (``shard`` is not used: their
+        random draws come from the DataLoader's generator, which a distributed run seeds per rank)."""
         batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
         if drop_last and batches and len(batches[-1]) < batch_size:
             batches.pop()

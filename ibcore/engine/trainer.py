@@ -3,11 +3,16 @@
 Randomness is a pure function of (seed, epoch, names): samplers, augmentation and mixers get
 generators derived from them, and the global torch RNG is re-seeded at every epoch. Checkpoints are
 taken at epoch boundaries, so a resumed experiment reaches the same numbers as an uninterrupted one.
+Under ``torchrun`` the same loop runs in every process; :mod:`ibcore.engine.distributed` says how the
+work is split (one slice of every batch per rank, or one group of runs per rank).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
+import inspect
 import json
 import math
 import platform
@@ -17,7 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from ibcore import __version__
 from ibcore.build import build
@@ -25,6 +32,15 @@ from ibcore.config.schema import Experiment
 from ibcore.context import BuildContext
 from ibcore.engine import checkpoint as ckpt
 from ibcore.engine.batches import DeviceData, LoaderData, make_data
+from ibcore.engine.distributed import (
+    Distributed,
+    check_resume_world,
+    convert_batchnorm,
+    dump_indices,
+    eval_counts,
+    eval_indices,
+    rank_indices,
+)
 from ibcore.engine.progress import ProgressDisplay
 from ibcore.engine.runs import RunState, effective_specs, spec_key
 from ibcore.engine.seeding import derive_seed
@@ -57,18 +73,60 @@ class Results:
         raise KeyError(run)
 
 
-class Trainer:
-    """Trains the runs of one experiment in one process (the plain, sequential reference path)."""
+class _SilentDisplay(ProgressDisplay):
+    """The display of a rank other than 0: nothing on the console and nothing in train.log."""
 
-    def __init__(self, experiment: Experiment, run_dir: Path, *, quiet: bool = False) -> None:
+    def __init__(self, log_path: Path) -> None:
+        super().__init__(quiet=True, log_path=log_path)
+
+    def log(self, message: str) -> None:
+        pass
+
+    def print(self, renderable: Any) -> None:
+        pass
+
+
+class _ForwardAdapter(nn.Module):
+    """Routes both forward kinds (plain, and mixed at a hidden layer) through one ``forward``, so DDP sees both."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, layer: int = 0, mix: Any = None) -> torch.Tensor:
+        if layer == 0:
+            return self.model(x)  # type: ignore[no-any-return]
+        return self.model.forward_mixed(x, layer, mix)  # type: ignore[operator,no-any-return]
+
+
+class Trainer:
+    """Trains the runs of one experiment: in one process (the plain, sequential reference path), or in
+    one of several processes launched by ``torchrun`` (``distributed``)."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        run_dir: Path,
+        *,
+        quiet: bool = False,
+        distributed: Distributed | None = None,
+    ) -> None:
         self.experiment = experiment
         self.run_dir = run_dir
         self.quiet = quiet
         self.seed = experiment.seed
         self.epochs = experiment.trainer.epochs
-        self.device = resolve_device(experiment.trainer.device)
-        self.display = ProgressDisplay(quiet=quiet, log_path=run_dir / "train.log")
+        self.dist = distributed or Distributed(mode=experiment.trainer.distributed.mode)
+        self.device = (
+            self.dist.device if self.dist.enabled and self.dist.device else resolve_device(experiment.trainer.device)
+        )
+        log_path = run_dir / "train.log"
+        self.display = (
+            ProgressDisplay(quiet=quiet, log_path=log_path) if self.dist.is_main else _SilentDisplay(log_path)
+        )
         self.bf16 = experiment.trainer.precision == "bf16" and self.device.type == "cuda"
+        self.batch_size = experiment.data.batch_size  # the global batch
+        self.local_batch = self.dist.local_batch(self.batch_size)  # this rank's share under data_parallel
 
         torch.manual_seed(derive_seed(self.seed, "dataset"))
         dataset_spec = experiment.data.dataset
@@ -102,9 +160,49 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}
         self.start_epoch = 0
+        # The runs this process trains: all of them, except under runs_parallel (runs[rank::world]).
+        owned = self.runs[self.dist.rank :: self.dist.world_size] if self.dist.splits_runs else self.runs
+        self.own = {run.name for run in owned}
+        self._ddp: dict[str, tuple[Any, nn.Module]] = {}  # run name -> (its parameters' identity, DDP wrapper)
+        if self.dist.enabled:
+            self._prepare_ranks()
         from ibcore.engine.fused import FusedTrainer
 
-        self.fused = FusedTrainer.plan(self)
+        if self.dist.splits_batches:
+            self.fused = None
+            self.display.log(
+                "fused path: off under data_parallel (DDP synchronises the gradients of each run's own model, "
+                "not those of a stacked copy); runs train one after another"
+            )
+        else:
+            self.fused = FusedTrainer.plan(self)
+
+    def _prepare_ranks(self) -> None:
+        """SyncBatchNorm where asked; identical initial weights on every rank (checked, then rank 0's copied)."""
+        dist_ = self.dist
+        self.display.log(
+            f"distributed: {dist_.world_size} processes, {dist_.mode}, backend {dist_.backend}, device {self.device}"
+            + (f"; global batch {self.batch_size} = {self.local_batch} per process" if dist_.splits_batches else "")
+        )
+        if dist_.sync_batchnorm:
+            if dist_.splits_batches:
+                for run in self.runs:
+                    run.model = convert_batchnorm(run.model, self.device)
+                self.display.log("BatchNorm statistics computed over the global batch (sync_batchnorm)")
+            else:
+                self.display.log("trainer.distributed.sync_batchnorm has no effect under runs_parallel")
+        if dist_.splits_runs:
+            for rank in range(dist_.world_size):
+                names = [run.name for run in self.runs[rank :: dist_.world_size]]
+                self.display.log(
+                    f"rank {rank} trains: {', '.join(names) if names else 'nothing (more ranks than runs)'}"
+                )
+        differing = [run.name for run in self.runs if dist_.broadcast_module(run.model)]
+        if differing:
+            self.display.log(
+                f"[yellow]initial weights of {', '.join(differing)} differed between ranks (a backbone that draws "
+                "from an unseeded source); every rank now uses rank 0's[/yellow]"
+            )
 
     # -- samplers and batching ------------------------------------------------------------------
 
@@ -119,14 +217,61 @@ class Trainer:
         n, batch = len(sampler), self.experiment.data.batch_size
         return n // batch if self.experiment.data.drop_last else math.ceil(n / batch)
 
-    def _configure_runs(self, epoch: int, transition: bool) -> None:
+    def _configure_runs(self, epoch: int, transition: bool) -> set[str]:
+        """Build every active run's components for ``epoch``; return the names of the runs that changed."""
+        changed = set()
         for run in self.active_runs():
             # The sampler decides the epoch length, which per-iteration schedules need.
             sampler = self.sampler(effective_specs(run.config, epoch).sampler)
-            run.configure(epoch, self.epochs, self.iters_per_epoch(sampler), transition)
+            if run.configure(epoch, self.epochs, self.iters_per_epoch(sampler), transition):
+                changed.add(run.name)
+        return changed
 
     def active_runs(self) -> list[RunState]:
         return [run for run in self.runs if run.failed is None]
+
+    def own_active_runs(self) -> list[RunState]:
+        """The active runs this process trains (all of them but under runs_parallel)."""
+        return [run for run in self.runs if run.failed is None and run.name in self.own]
+
+    # -- data parallel -----------------------------------------------------------------------------
+
+    def _prepare_ddp(self, changed: set[str]) -> None:
+        """A DDP wrapper per active run, rebuilt when its trainable parameters change (classifier re-training)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        for name in [name for name in self._ddp if name not in {run.name for run in self.active_runs()}]:
+            del self._ddp[name]
+        rebuilt = False
+        for run in self.active_runs():
+            if run.name in changed:
+                # A starting stage may have re-initialised a part of the model from this rank's RNG.
+                self.dist.broadcast_module(run.model)
+            key = tuple((id(p), p.requires_grad) for p in run.model.parameters())
+            current = self._ddp.get(run.name)
+            if current is not None and current[0] == key:
+                continue
+            if current is not None:
+                del self._ddp[run.name]
+                del current
+                rebuilt = True
+            wrapper = DistributedDataParallel(
+                _ForwardAdapter(run.model),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **_no_buffer_sync_per_forward(),
+            )
+            self._ddp[run.name] = (key, wrapper)
+        if rebuilt:
+            gc.collect()  # release the old reducers' hooks before the next backward
+
+    def _forward(self, run: RunState, x: torch.Tensor, layer: int = 0, mix: Any = None) -> torch.Tensor:
+        """The run's logits; through its DDP wrapper under data_parallel, so the gradients are averaged."""
+        wrapped = self._ddp.get(run.name)
+        if wrapped is not None:
+            return wrapped[1](x, layer, mix)  # type: ignore[no-any-return]
+        if layer == 0:
+            return run.model(x)  # type: ignore[no-any-return]
+        return run.model.forward_mixed(x, layer, mix)  # type: ignore[operator,no-any-return]
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -155,14 +300,14 @@ class Trainer:
     ) -> torch.Tensor:
         mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
         if mixer is None:
-            return run.loss(_full_precision(run.model(x)), y)
+            return run.loss(_full_precision(self._forward(run, x)), y)
         plan = mixer.plan(x, y, generator)
         plan.permutation = plan.permutation.to(x.device)
         plan.target_weight = plan.target_weight.to(device=x.device, dtype=torch.float32)
         if plan.layer == 0:
-            logits = run.model(mixer.mix(x, plan))
+            logits = self._forward(run, mixer.mix(x, plan))
         else:
-            logits = run.model.forward_mixed(x, plan.layer, lambda h: mixer.mix(h, plan))  # type: ignore[operator]
+            logits = self._forward(run, x, plan.layer, lambda h: mixer.mix(h, plan))
         logits = _full_precision(logits)
         return run.loss(logits, y, plan.target_weight) + run.loss(logits, y[plan.permutation], 1.0 - plan.target_weight)
 
@@ -170,23 +315,31 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> None:
         groups: dict[str, list[RunState]] = defaultdict(list)
-        for run in self.active_runs():
+        for run in self.own_active_runs():
             assert run.specs is not None
             groups[spec_key(run.specs.sampler)].append(run)
-        batch_size = self.experiment.data.batch_size
+        drop_last = self.experiment.data.drop_last
         total = sum(self.iters_per_epoch(self.samplers[key]) for key in groups)
         self.display.start_epoch(epoch, self.epochs, total)
-        torch.manual_seed(derive_seed(self.seed, "epoch", epoch))
-        for run in self.active_runs():
+        # Under data_parallel each rank draws its own dropout masks (and DataLoader augmentation).
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist.splits_batches else (0, 1)
+        per_rank = ("rank", rank) if world > 1 else ()
+        torch.manual_seed(derive_seed(self.seed, "epoch", epoch, *per_rank))
+        for run in self.own_active_runs():
             run.train_mode()  # evaluation left the models in eval mode
+        on_device = isinstance(self.train_data, DeviceData)
         for key, members in groups.items():
             sampler = self.samplers[key]
             order = sampler.indices(epoch)
             iters = self.iters_per_epoch(sampler)
-            data_generator = torch.Generator(device=self.device if isinstance(self.train_data, DeviceData) else "cpu")
-            data_generator.manual_seed(derive_seed(self.seed, "augment", key, epoch))
+            if world > 1:
+                order = rank_indices(order, rank, world, self.batch_size, drop_last)
+            dump_indices(self.dist.rank, epoch, key, order)
+            data_generator = torch.Generator(device=self.device if on_device else "cpu")
+            # Device augmentation draws for the whole global batch on every rank (same seed); see augment_batch.
+            data_generator.manual_seed(derive_seed(self.seed, "augment", key, epoch, *([] if on_device else per_rank)))
             mixer_generators = {run.name: run.mixer_generator(epoch) for run in members}
-            batches = self.train_data.iterate(order, batch_size, data_generator, True, self.experiment.data.drop_last)
+            batches = self.train_data.iterate(order, self.local_batch, data_generator, True, drop_last, (rank, world))
             for step, (x, y) in enumerate(batches):
                 if self.device.type == "cuda" and self.experiment.trainer.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -194,19 +347,25 @@ class Trainer:
                 for run in members:
                     if run.name not in handled:
                         self.train_step(run, x, y, epoch, step, iters, mixer_generators[run.name])
-                self.display.advance(len(y))
+                self.display.advance(len(y) * world)
 
     def fit(self) -> Results:
         trainer_cfg = self.experiment.trainer
         self._write_meta()
         for epoch in range(self.start_epoch, self.epochs):
             started = time.perf_counter()
-            self._configure_runs(epoch, transition=True)
+            changed = self._configure_runs(epoch, transition=True)
+            if self.dist.splits_batches:
+                self._prepare_ddp(changed)
             if self.fused:
-                self.fused.sync_from_runs(self.active_runs())
+                self.fused.sync_from_runs(self.own_active_runs())
             self.train_epoch(epoch)
             if self.fused:
                 self.fused.sync_to_runs()
+            if self.dist.splits_batches:
+                for run in self.active_runs():
+                    # BatchNorm running statistics were updated with each rank's own slice: keep rank 0's.
+                    self.dist.broadcast_module(run.model, buffers_only=True)
             seconds = time.perf_counter() - started
             self._end_epoch(epoch, seconds)
             last = epoch + 1 == self.epochs
@@ -218,18 +377,31 @@ class Trainer:
                 self.display.log("every run has failed; stopping")
                 break
         self.display.stop()
+        self._ddp.clear()
         return self.finish()
 
     def _end_epoch(self, epoch: int, seconds: float) -> None:
+        local = {}
+        for run in self.own_active_runs():
+            mean, bad = run.end_epoch()
+            lr = run.optimizer.param_groups[0]["lr"] if run.optimizer else None
+            local[run.name] = (mean, bad, lr)
+        # Every rank learns every run's epoch: the mean over ranks of the losses (equal slices under
+        # data_parallel), the first non-finite step on any rank, and the slowest rank's time.
+        gathered = self.dist.all_gather_object((local, seconds))
+        seconds = max(part[1] for part in gathered)
         losses = []
         for run in self.active_runs():
-            mean, bad = run.end_epoch()
+            parts = [part[0][run.name] for part in gathered if run.name in part[0]]
+            mean = sum(p[0] for p in parts) / len(parts)
+            bads = [p[1] for p in parts if p[1] >= 0]
+            bad = min(bads) if bads else -1
             line = {
                 "split": "train",
                 "run": run.name,
                 "epoch": epoch,
                 "train_loss": mean,
-                "lr": run.optimizer.param_groups[0]["lr"] if run.optimizer else None,
+                "lr": parts[0][2],
                 "seconds": seconds,
             }
             if bad >= 0:
@@ -250,24 +422,43 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate_split(self, run: RunState, data: DeviceData | LoaderData) -> dict[str, dict[str, Any]]:
-        """Metrics of ``run`` on ``data``: raw, and with each post-hoc adjustment of the run."""
+        """Metrics of ``run`` on ``data``: raw, and with each post-hoc adjustment of the run.
+
+        Under data_parallel each rank computes the logits of its own contiguous block of ``data``;
+        the blocks are gathered in order, so every rank's evaluators see the whole split once, in the
+        same batches as a single process.
+        """
         variants: dict[str, tuple[Any, list[Any]]] = {run.name: (None, self._evaluators())}
         for spec in run.config.posthoc:
             adjustment = build("adjustment", spec.name, spec.params, context=self.context)
             variants[f"{run.name}+{spec.name}"] = (adjustment, self._evaluators())
         model = run.model
         model.eval()
-        eval_batch = self.experiment.data.eval_batch_size or 2 * self.experiment.data.batch_size
-        order = torch.arange(len(data)).numpy()
-        for x, y in data.iterate(order, eval_batch, None, False, False):
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                features = model.features(x)  # type: ignore[operator]
-                logits = model.classifier(features)  # type: ignore[operator]
-            features, logits = features.float(), logits.float()
-            for adjustment, evaluators in variants.values():
-                adjusted = logits if adjustment is None else adjustment(model, features, logits)
-                for evaluator in evaluators:
-                    evaluator.update(adjusted, y)
+        eval_batch = self.experiment.data.eval_batch_size or 2 * self.batch_size
+        if not self.dist.splits_batches:
+            order = np.arange(len(data), dtype=np.int64)
+            for outputs, y in self._variant_logits(model, variants, data, order, eval_batch):
+                for name, (_, evaluators) in variants.items():
+                    for evaluator in evaluators:
+                        evaluator.update(outputs[name], y)
+        else:
+            world = self.dist.world_size
+            counts = eval_counts(len(data), world)
+            order = eval_indices(len(data), self.dist.rank, world)
+            collected: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
+            labels: list[torch.Tensor] = []
+            for outputs, y in self._variant_logits(model, variants, data, order, math.ceil(eval_batch / world)):
+                for name in variants:
+                    collected[name].append(outputs[name])
+                labels.append(y.to(torch.long))
+            empty_labels = torch.empty(0, dtype=torch.long, device=self.device)
+            targets = self.dist.all_gather_rows(torch.cat(labels) if labels else empty_labels, counts)
+            for name, (_, evaluators) in variants.items():
+                empty = torch.empty(0, self.num_classes, device=self.device)
+                logits = self.dist.all_gather_rows(torch.cat(collected[name]) if collected[name] else empty, counts)
+                for start in range(0, len(targets), eval_batch):
+                    for evaluator in evaluators:
+                        evaluator.update(logits[start : start + eval_batch], targets[start : start + eval_batch])
         results = {}
         for name, (_, evaluators) in variants.items():
             merged: dict[str, Any] = {}
@@ -276,20 +467,48 @@ class Trainer:
             results[name] = merged
         return results
 
+    def _variant_logits(
+        self,
+        model: nn.Module,
+        variants: dict[str, tuple[Any, list[Any]]],
+        data: DeviceData | LoaderData,
+        order: np.ndarray,
+        batch_size: int,
+    ) -> Any:
+        """Per batch of ``order``: the logits of every variant (raw or post-hoc adjusted) and the targets."""
+        for x, y in data.iterate(order, batch_size, None, False, False):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                features = model.features(x)  # type: ignore[operator]
+                logits = model.classifier(features)  # type: ignore[operator]
+            features, logits = features.float(), logits.float()
+            outputs = {
+                name: logits if adjustment is None else adjustment(model, features, logits)
+                for name, (adjustment, _) in variants.items()
+            }
+            yield outputs, y
+
     def _evaluators(self) -> list[Any]:
         return [build("evaluator", e.name, e.params, context=self.context) for e in self.experiment.evaluators]
 
     def evaluate(self, epoch: int) -> None:
+        results: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}  # run -> (split, variant, metrics)
         for run in self.active_runs():
-            for variant, metrics in self._evaluate_split(run, self.test_data).items():
-                self._append_metrics({"split": "test", "run": variant, "epoch": epoch, **metrics})
+            if run.name not in self.own:
+                continue  # runs_parallel: its owner evaluates it
+            entries = [("test", variant, m) for variant, m in self._evaluate_split(run, self.test_data).items()]
             if self.val_data is not None:
-                for variant, metrics in self._evaluate_split(run, self.val_data).items():
-                    self._append_metrics({"split": "val", "run": variant, "epoch": epoch, **metrics})
-                    score = _headline(metrics)
-                    if score is not None and score > self.best.get(variant, {}).get("score", -math.inf):
-                        test = self._last_metrics("test", variant, epoch)
-                        self.best[variant] = {"score": score, "epoch": epoch, "test": test}
+                entries += [("val", variant, m) for variant, m in self._evaluate_split(run, self.val_data).items()]
+            results[run.name] = entries
+        if self.dist.splits_runs:
+            for part in self.dist.all_gather_object(results):
+                results.update(part)
+        for run in self.active_runs():
+            for split, variant, metrics in results[run.name]:
+                self._append_metrics({"split": split, "run": variant, "epoch": epoch, **metrics})
+                score = _headline(metrics) if split == "val" else None
+                if score is not None and score > self.best.get(variant, {}).get("score", -math.inf):
+                    test = self._last_metrics("test", variant, epoch)
+                    self.best[variant] = {"score": score, "epoch": epoch, "test": test}
         summary = []
         for run in self.active_runs():
             metrics = self._last_metrics("test", run.name, epoch)
@@ -302,7 +521,9 @@ class Trainer:
     # -- files -----------------------------------------------------------------------------------
 
     def _append_metrics(self, line: dict[str, Any]) -> None:
-        self.history.append(line)
+        self.history.append(line)  # on every rank: all of them keep the same history
+        if not self.dist.is_main:
+            return
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line, default=_json_default) + "\n")
 
@@ -313,6 +534,8 @@ class Trainer:
         return {}
 
     def _write_meta(self) -> None:
+        if not self.dist.is_main:
+            return
         meta = {
             "ibcore": __version__,
             "torch": torch.__version__,
@@ -326,13 +549,21 @@ class Trainer:
             "num_classes": self.num_classes,
             "class_counts": list(self.context.class_counts or ()),
             "fused_groups": self.fused.describe() if self.fused else [],
+            "distributed": self.dist.describe(),
         }
         ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     def save(self, epoch: int) -> None:
+        """Rank 0 writes one checkpoint holding every run (under runs_parallel, gathered from their owners)."""
+        if self.dist.splits_runs:
+            self._gather_run_states()
+        rng_per_rank = self.dist.all_gather_object(torch.get_rng_state()) if self.dist.enabled else None
+        if not self.dist.is_main:
+            return
         state = {
             "format": 1,
             "epoch": epoch,
+            "distributed": {"world_size": self.dist.world_size, "mode": self.dist.mode},
             "runs": {
                 run.name: {
                     "model": run.model.state_dict(),
@@ -346,14 +577,41 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                **({"torch_per_rank": rng_per_rank} if rng_per_rank is not None else {}),
             },
         }
         ckpt.save_checkpoint(
             self.run_dir / "checkpoints", epoch, _plain(state), self.experiment.trainer.keep_checkpoints
         )
 
+    def _gather_run_states(self) -> None:
+        """runs_parallel: copy every run's model and optimizer state from its owner into rank 0's copy."""
+        mine = {
+            run.name: {
+                "model": _to_cpu(run.model.state_dict()),
+                "optimizer": _to_cpu(run.optimizer.state_dict()) if run.optimizer is not None else {},
+            }
+            for run in self.runs
+            if run.name in self.own
+        }
+        parts = self.dist.gather_object(mine)
+        if parts is None:
+            return
+        by_name = {run.name: run for run in self.runs}
+        for part in parts[1:]:  # rank 0's own runs are in place already
+            for name, saved in part.items():
+                run = by_name[name]
+                run.model.load_state_dict(saved["model"])
+                if run.optimizer is not None and saved["optimizer"]:
+                    run.optimizer.load_state_dict(saved["optimizer"])
+
     def restore(self, state: dict[str, Any]) -> None:
-        """Load a checkpoint taken after ``state['epoch']`` epochs; training continues from there."""
+        """Load a checkpoint taken after ``state['epoch']`` epochs; training continues from there.
+
+        Under torchrun every rank loads the same checkpoint, which must come from as many processes
+        in the same mode; each rank gets its own RNG state back.
+        """
+        check_resume_world(state, self.dist, self.run_dir)
         epoch = int(state["epoch"])
         names = {run.name for run in self.runs}
         if set(state["runs"]) != names:
@@ -369,11 +627,13 @@ class Trainer:
                 run.optimizer.load_state_dict(saved["optimizer"])
         self.history = list(state["history"])
         self.best = dict(state.get("best", {}))
-        torch.set_rng_state(state["rng"]["torch"])
+        per_rank = state["rng"].get("torch_per_rank")
+        torch.set_rng_state(per_rank[self.dist.rank] if self.dist.enabled and per_rank else state["rng"]["torch"])
         self.start_epoch = epoch
-        # metrics.jsonl may hold lines written after this checkpoint: rewrite it from the history.
-        text = "".join(json.dumps(line, default=_json_default) + "\n" for line in self.history)
-        ckpt.atomic_write_text(self.run_dir / "metrics.jsonl", text)
+        if self.dist.is_main:
+            # metrics.jsonl may hold lines written after this checkpoint: rewrite it from the history.
+            text = "".join(json.dumps(line, default=_json_default) + "\n" for line in self.history)
+            ckpt.atomic_write_text(self.run_dir / "metrics.jsonl", text)
         self.display.log(f"resumed after epoch {epoch} of {self.epochs}")
 
     def finish(self) -> Results:
@@ -397,12 +657,37 @@ class Trainer:
                     best_rows.append(
                         {"run": variant, "status": row["status"], "epoch": best["epoch"] + 1, **best["test"]}
                     )
+        if not self.dist.is_main:
+            return Results(self.run_dir, rows, best_rows)
         write_tables(self.run_dir, rows, best_rows)
         write_plots(
             self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), rows, list(self.context.class_counts or ())
         )
         self.display.print(console_table(rows, title=f"results after {self.epochs} epochs ({self.run_dir})"))
         return Results(self.run_dir, rows, best_rows)
+
+
+@functools.cache
+def _no_buffer_sync_per_forward() -> dict[str, Any]:
+    """DDP's switch for not broadcasting buffers before every forward (renamed in newer PyTorch).
+
+    BatchNorm running statistics are copied from rank 0 at the end of every epoch instead.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
+def _to_cpu(value: Any) -> Any:
+    """A state dict with every tensor on the CPU (to send it to another rank)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _full_precision(logits: torch.Tensor) -> torch.Tensor:
