@@ -341,3 +341,18 @@ def test_resume_in_process_reaches_the_same_numbers(tmp_path: Path) -> None:
             },
         )
         assert results.row(run)["acc@1 (%)"] == full.row(run)["acc@1 (%)"]
+
+
+def test_the_written_config_keeps_a_mixer_that_a_stage_does_not_mention(tmp_path: Path) -> None:
+    from ibcore.engine import resolved_config
+    from ibcore.engine.runs import effective_specs
+
+    config = tiny_config(epochs=3)
+    config["runs"] = [{"name": "remix_drw", "mixer": {"name": "input_mixup"},
+                       "stages": [{"from_epoch": 2, "loss": {"name": "cross_entropy",
+                                                             "params": {"class_weights": {"name": "inverse"}}}}]}]
+    experiment = load_experiment(config)
+    reloaded = load_experiment(resolved_config(experiment))  # what `ib resume` reads from config.yaml
+    for epoch in range(3):
+        assert effective_specs(reloaded.runs[0], epoch) == effective_specs(experiment.runs[0], epoch)
+    assert effective_specs(reloaded.runs[0], 2).mixer is not None

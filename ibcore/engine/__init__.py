@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from ibcore.engine.distributed import Distributed
 
 
+def resolved_config(experiment: Experiment) -> dict[str, Any]:
+    """The experiment as written to ``config.yaml``: every default filled in, except inside stages.
+
+    A stage changes only the fields it sets, and ``mixer: null`` there means "switch mixing off", so
+    stages are written with exactly the fields they set (a filled-in null would switch mixing off
+    after ``ib resume``).
+    """
+    resolved = experiment.model_dump(mode="json")
+    for run, run_dump in zip(experiment.runs, resolved["runs"], strict=True):
+        run_dump["stages"] = [stage.model_dump(mode="json", exclude_unset=True) for stage in run.stages]
+    return resolved
+
+
 def _run_dir(parent: Path, name: str) -> Path:
     """A new, writable run directory under ``parent``; fails before any training if it cannot be made."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -64,7 +77,7 @@ def run(
 
     def prepare() -> Path:
         run_dir = _run_dir(Path(out_dir or experiment.trainer.out_dir), name)
-        resolved = experiment.model_dump(mode="json")
+        resolved = resolved_config(experiment)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         origin = {"config": str(source), "config_dir": config_dir}
         atomic_write_text(run_dir / "origin.json", json.dumps(origin) + "\n")

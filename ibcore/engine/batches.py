@@ -7,6 +7,7 @@ DataLoader path with workers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ibcore.protocols import AugmentSpec, is_tensor_split
+
+
+@functools.lru_cache(maxsize=32)
+def _normalisation(spec: AugmentSpec, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Mean and std as (1, C, 1, 1) tensors on ``device``, made once (a copy per batch would sync)."""
+    mean = torch.tensor(spec.mean, dtype=dtype).view(1, -1, 1, 1).to(device)
+    std = torch.tensor(spec.std, dtype=dtype).view(1, -1, 1, 1).to(device)
+    return mean, std
 
 
 def augment_batch(
@@ -54,8 +63,7 @@ def augment_batch(
     if train and spec.flip:
         flip = pick(torch.rand(draws, generator=generator, device=images.device)) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    mean, std = _normalisation(spec, x.device, x.dtype)
     return (x / 255.0 - mean) / std
 
 

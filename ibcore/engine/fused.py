@@ -46,7 +46,7 @@ def fusion_blocker(run: RunState) -> str | None:
 class _Group:
     """K runs stacked: parameters, buffers, momentum buffers and per-run hyperparameters."""
 
-    def __init__(self, runs: list[RunState]) -> None:
+    def __init__(self, runs: list[RunState], compile: bool = False) -> None:
         self.runs = runs
         models = [run.model for run in runs]
         params, buffers = stack_module_state(models)  # type: ignore[arg-type]
@@ -87,6 +87,9 @@ class _Group:
             self.nesterov_mask[n] = mask if any(flags) else None
         self._call = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
         self._call_each = vmap(self._forward, in_dims=(0, 0, 0), randomness="different")
+        if compile:
+            self._call = torch.compile(self._call)
+            self._call_each = torch.compile(self._call_each)
 
     def _forward(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> Any:
         return functional_call(self.skeleton, (params, buffers), (x,))
@@ -176,7 +179,7 @@ class FusedTrainer:
         for members in candidates.values():
             if len(members) < 2:
                 continue
-            self.groups.append(_Group(members))
+            self.groups.append(_Group(members, compile=self.trainer.experiment.trainer.compile))
             names = [run.name for run in members]
             if names not in self.history:
                 self.history.append(names)

@@ -156,6 +156,9 @@ class Trainer:
         )
 
         self.runs = [RunState(run, self.context, self.seed, self.device) for run in experiment.runs]
+        if experiment.trainer.compile:
+            for run in self.runs:
+                run.model.compile()  # in place: state_dict keys, checkpoints and hooks stay as they are
         self.samplers: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}
@@ -366,6 +369,8 @@ class Trainer:
                 for run in self.active_runs():
                     # BatchNorm running statistics were updated with each rank's own slice: keep rank 0's.
                     self.dist.broadcast_module(run.model, buffers_only=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the epoch's kernels are queued, not finished
             seconds = time.perf_counter() - started
             self._end_epoch(epoch, seconds)
             last = epoch + 1 == self.epochs
