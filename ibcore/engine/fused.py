@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ibcore.engine.trainer import Trainer
 
 
-def fusion_blocker(run: RunState) -> str | None:
+def fusion_blocker(run: RunState, bf16: bool = False) -> str | None:
     """Why ``run`` cannot be fused (None when it can)."""
     assert run.specs is not None
     optimizer = run.optimizer
@@ -40,6 +40,10 @@ def fusion_blocker(run: RunState) -> str | None:
         return "classifier re-training freezes part of the model"
     if run.mixer is not None and getattr(run.mixer, "mixes_hidden", False):
         return "the mixer mixes hidden activations"
+    if run.mixer is not None and bf16:
+        # Seen on an H100 (torch 2.11): with one input per run under bf16 autocast, the batched
+        # BatchNorm backward fails ("Expected running_mean to have type BFloat16").
+        return "a mixer under bf16 autocast on CUDA"
     return None
 
 
@@ -171,7 +175,7 @@ class FusedTrainer:
         candidates: dict[tuple[str, str], list[RunState]] = defaultdict(list)
         for run in runs:
             assert run.specs is not None
-            blocker = fusion_blocker(run)
+            blocker = fusion_blocker(run, bf16=self.trainer.bf16)
             if blocker is not None:
                 self._log_once(f"fused path: run {run.name!r} trains on its own ({blocker})")
                 continue
