@@ -113,7 +113,7 @@ class TrainerConfig(_Strict):
         "auto", description="Keep small data sets on the device and augment there (no DataLoader)."
     )
     compile: bool = Field(False, description="torch.compile the training step (CUDA).")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+    channels_last: bool = Field(True, description="channels_last memory format for images and convolutions.")
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig,  # type: ignore[arg-type]
         description="Multi-process training under torchrun.",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ibcore.engine.trainer import Trainer
 
 
-def fusion_blocker(run: RunState, bf16: bool = False) -> str | None:
+def fusion_blocker(run: RunState) -> str | None:
     """Why ``run`` cannot be fused (None when it can)."""
     assert run.specs is not None
     optimizer = run.optimizer
@@ -40,10 +40,6 @@ def fusion_blocker(run: RunState, bf16: bool = False) -> str | None:
         return "classifier re-training freezes part of the model"
     if run.mixer is not None and getattr(run.mixer, "mixes_hidden", False):
         return "the mixer mixes hidden activations"
-    if run.mixer is not None and bf16:
-        # Seen on an H100 (torch 2.11): with one input per run under bf16 autocast, the batched
-        # BatchNorm backward fails ("Expected running_mean to have type BFloat16").
-        return "a mixer under bf16 autocast on CUDA"
     return None
 
 
@@ -52,6 +48,7 @@ class _Group:
 
     def __init__(self, runs: list[RunState], compile: bool = False) -> None:
         self.runs = runs
+        self.verified = False  # set once a stacked step has succeeded
         models = [run.model for run in runs]
         params, buffers = stack_module_state(models)  # type: ignore[arg-type]
         self.params = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
@@ -148,6 +145,7 @@ class FusedTrainer:
         self.forced = forced
         self.groups: list[_Group] = []
         self.history: list[list[str]] = []  # every distinct group of run names fused so far
+        self.unfusable: set[str] = set()  # backbone specs whose stacked step failed on this device
         self._logged: set[str] = set()
 
     @classmethod
@@ -155,6 +153,12 @@ class FusedTrainer:
         mode = trainer.experiment.trainer.fused
         if mode == "off":
             trainer.display.log("fused path: off (trainer.fused: off); runs train one after another")
+            return None
+        if mode == "auto" and trainer.device.type != "cuda":
+            # Measured on 2 CPU cores (benchmarks/throughput.py): vmap's grouped convolutions and decomposed
+            # BatchNorm are slower there than the runs one after another. Kernel launches, which fusion
+            # saves, only dominate on a GPU.
+            trainer.display.log("fused path: off on the CPU (trainer.fused: auto); set fused: on to force it")
             return None
         return cls(trainer, forced=mode == "on")
 
@@ -175,9 +179,11 @@ class FusedTrainer:
         candidates: dict[tuple[str, str], list[RunState]] = defaultdict(list)
         for run in runs:
             assert run.specs is not None
-            blocker = fusion_blocker(run, bf16=self.trainer.bf16)
+            blocker = fusion_blocker(run)
             if blocker is not None:
                 self._log_once(f"fused path: run {run.name!r} trains on its own ({blocker})")
+                continue
+            if spec_key(run.config.backbone) in self.unfusable:
                 continue
             candidates[(spec_key(run.config.backbone), spec_key(run.specs.sampler))].append(run)
         for members in candidates.values():
@@ -213,10 +219,28 @@ class FusedTrainer:
         """Train every fused group whose runs are in ``members``; return the names it handled."""
         handled: set[str] = set()
         names = {run.name for run in members}
-        for group in self.groups:
+        for group in list(self.groups):
             if not all(run.name in names for run in group.runs):
                 continue
-            self._step_group(group, x, y, epoch, step, iters, generators)
+            if group.verified:
+                self._step_group(group, x, y, epoch, step, iters, generators)
+            else:
+                # The first step of a group is a trial: some batching rules fail on some devices (on an
+                # H100, BatchNorm's backward under vmap and bf16 autocast without cuDNN). Nothing of the
+                # runs' own state has changed yet, so they can go on one after another.
+                try:
+                    self._step_group(group, x, y, epoch, step, iters, generators)
+                except RuntimeError as exc:
+                    self.groups.remove(group)
+                    self.unfusable.add(spec_key(group.runs[0].config.backbone))
+                    self.history = [h for h in self.history if h != [r.name for r in group.runs]]
+                    reason = str(exc).strip().splitlines()[0][:160]
+                    self._log_once(
+                        f"fused path: runs {', '.join(r.name for r in group.runs)} train one after another: "
+                        f"the stacked step failed on this device ({type(exc).__name__}: {reason})"
+                    )
+                    continue
+                group.verified = True
             handled.update(run.name for run in group.runs)
         return handled
 
@@ -252,6 +276,7 @@ class FusedTrainer:
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
         total = logits.new_zeros(())
+        losses = []
         for k, run in enumerate(group.runs):
             if plans[k] is None:
                 loss = run.loss(logits[k], y)
@@ -260,7 +285,9 @@ class FusedTrainer:
                 loss = run.loss(logits[k], y, plan.target_weight) + run.loss(
                     logits[k], y[plan.permutation], 1.0 - plan.target_weight
                 )
-            run.record_loss(loss, step)
+            losses.append(loss)
             total = total + loss
         total.backward()
         group.sgd_step()
+        for run, loss in zip(group.runs, losses, strict=True):
+            run.record_loss(loss, step)
