@@ -11,6 +11,7 @@ from typing import Any
 from ibcore.build import build, validate_params
 from ibcore.context import BuildContext
 from ibcore.errors import (
+    BuildError,
     CheckpointError,
     ConfigError,
     ConfigIssue,
@@ -69,6 +70,7 @@ __all__ = [
     "KINDS",
     "AugmentSpec",
     "BuildContext",
+    "BuildError",
     "CheckpointError",
     "ComponentInfo",
     "ConfigError",

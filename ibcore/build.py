@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ibcore.context import BuildContext
-from ibcore.errors import ConfigError, ConfigIssue
+from ibcore.errors import BuildError, ConfigError, ConfigIssue, IbError
 from ibcore.protocols import check
 from ibcore.registry import resolve
 
@@ -23,12 +23,13 @@ def validate_params(
         return params
     if isinstance(params, BaseModel):
         params = params.model_dump()
+    raw = dict(params or {})
     try:
-        return info.params.model_validate(dict(params or {}))
+        return info.params.model_validate(raw)
     except ValidationError as exc:
         from ibcore.config.errors import issues_from_validation_error
 
-        raise ConfigError(issues_from_validation_error(exc, prefix=path, model=info.params)) from None
+        raise ConfigError(issues_from_validation_error(exc, prefix=path, model=info.params, root=raw)) from None
 
 
 def build(
@@ -47,7 +48,16 @@ def build(
     info = resolve(kind, name)
     validated = validate_params(kind, name, params)
     assert info.factory is not None
-    component = info.factory(validated, context if context is not None else BuildContext())
+    try:
+        component = info.factory(validated, context if context is not None else BuildContext())
+    except IbError:
+        raise
+    except Exception as exc:  # a plugin's bug or a resource error: name the component, keep the cause
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BuildError(
+            f"{info.kind} {name!r} from {info.provider_label} failed while being built: {type(exc).__name__}"
+            + (f": {detail}" if detail else "")
+        ) from exc
     return check(info.kind, name, component)
 
 

@@ -131,15 +131,22 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ibcore.engine import run
 
-    run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet)
+    return _exit_code(run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet))
+
+
+def _exit_code(results: object) -> int:
+    """1 when every run failed (non-finite loss), so scripts can tell a wasted experiment from a good one."""
+    rows = getattr(results, "rows", None) or []
+    if rows and all(str(row.get("status", "ok")) != "ok" for row in rows):
+        _console(stderr=True).print("[red]error:[/red] every run failed; see the status column and train.log")
+        return 1
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from ibcore.engine import resume
 
-    resume(args.run_dir, quiet=args.quiet)
-    return 0
+    return _exit_code(resume(args.run_dir, quiet=args.quiet))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -23,6 +23,10 @@ class ProtocolError(IbError):
     """A built component does not have the methods or attributes its kind requires."""
 
 
+class BuildError(IbError):
+    """A component's factory raised while building it (a plugin bug, out of memory, ...)."""
+
+
 class ContextError(IbError):
     """A component needs information (class counts, ...) that its build context does not carry."""
 

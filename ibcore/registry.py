@@ -52,7 +52,7 @@ class RegistryWarning(UserWarning):
 class Params(BaseModel):
     """Base class for component params: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NoParams(Params):
@@ -313,7 +313,9 @@ def register(
     if inspect.isclass(factory):
         from ibcore.protocols import required_methods  # protocols imports nothing heavy
 
-        missing = [m for m in required_methods(kind) if not callable(getattr(factory, m, None))]
+        # Look in the class's own MRO: getattr(cls, "__call__") would find type.__call__ on any class.
+        defined = {m for k in factory.__mro__ if k is not object for m in vars(k)}
+        missing = [m for m in required_methods(kind) if m not in defined]
         if missing:
             raise RegistryError(
                 f"{kind} {name!r}: class {factory.__name__} does not follow the {kind} protocol; "
@@ -422,6 +424,13 @@ def _failed_plugins() -> list[str]:
 def _unknown_name_error(kind: str, name: str) -> RegistryError:
     plural = PLURALS[kind]
     names = sorted(_state.entries[kind])
+    disabled = sorted(
+        status.name for status in _state.distributions.values() if status.disabled and (kind, name) in status.components
+    )
+    if disabled:
+        return RegistryError(
+            f"{kind} {name!r} is provided by {', '.join(disabled)}, which {DISABLE_ENV} switches off in this process."
+        )
     lines = [f"Unknown {kind} {name!r}."]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     if close:

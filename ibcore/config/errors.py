@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -74,14 +74,56 @@ def _message(error: Any, model: type[BaseModel] | None) -> str:
     return message
 
 
+_NO_INPUT = object()
+
+
+def _user_loc(loc: Sequence[Any], root: Any) -> list[Any]:
+    """The parts of a pydantic location that index the user's input.
+
+    Pydantic adds the tags of unions (``list[float]``, ``effective_number``) and validator names to a
+    location; they mean nothing to a user reading their YAML. Walking the input tells them apart from
+    real keys, including keys that contain ``[``.
+    """
+    if root is _NO_INPUT:
+        return [p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+    kept: list[Any] = []
+    node = root
+    for i, part in enumerate(loc):
+        following = loc[i + 1] if i + 1 < len(loc) else None
+        if isinstance(node, Mapping) and part in node:
+            kept.append(part)
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
+            kept.append(part)
+            node = node[part]
+        elif isinstance(part, str) and following is not None and _indexes(node, following):
+            continue  # a union tag or validator name between two real parts
+        elif isinstance(part, str) and (
+            part.startswith("function-") or ("[" in part and not isinstance(node, Mapping))
+        ):
+            continue
+        else:
+            kept.append(part)  # a missing key, or a value pydantic looked into: keep it and stop walking
+            node = None
+    return kept
+
+
+def _indexes(node: Any, part: Any) -> bool:
+    if isinstance(node, Mapping):
+        return part in node
+    return isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node)
+
+
 def issues_from_validation_error(
-    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None, root: Any = _NO_INPUT
 ) -> list[ConfigIssue]:
-    """One :class:`ConfigIssue` per pydantic error, with paths under ``prefix``."""
+    """One :class:`ConfigIssue` per pydantic error, with paths under ``prefix``.
+
+    ``root`` is the validated input; with it, paths keep exactly the keys the user wrote.
+    """
     issues = []
     for error in exc.errors():
-        # Pydantic adds the tag of a tagged union and function-validator names to the location;
-        # they mean nothing to a user reading their YAML.
-        loc = [p for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-        issues.append(ConfigIssue(format_path(loc, prefix), _message({**error, "loc": tuple(loc)}, model)))
+        loc = _user_loc(error["loc"], root)
+        message = _message({**error, "loc": tuple(loc) or ("<root>",)}, model)
+        issues.append(ConfigIssue(format_path(loc, prefix), message))
     return issues

@@ -15,19 +15,49 @@ MAX_DEPTH = 64
 
 
 class _LimitedSafeLoader(yaml.SafeLoader):
-    """SafeLoader (no Python object tags) that refuses alias bombs and absurd nesting."""
+    """SafeLoader (no Python object tags) for configs: refuses duplicate keys, binary values, alias
+    bombs and huge documents early, and keeps date-like text as text."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
-        self._constructed = 0
+        self._composed = 0
 
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        self._constructed += 1
-        if self._constructed > MAX_NODES:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the document expands to more than {MAX_NODES} values (alias bomb?)", node.start_mark
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # Count while composing, so a huge flat list is refused before it is built.
+        self._composed += 1
+        if self._composed > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"the document has more than {MAX_NODES} values", self.peek_event().start_mark
             )
-        return super().construct_object(node, deep=deep)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_binary(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(None, None, "binary values (!!binary) are not allowed", node.start_mark)
+
+
+# Dates stay strings (a config has no use for datetime objects, and an invalid date would crash);
+# !!binary, !!set and !!omap are refused (no config value needs them).
+_LimitedSafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag in ("tag:yaml.org,2002:binary", "tag:yaml.org,2002:set", "tag:yaml.org,2002:omap", "tag:yaml.org,2002:pairs"):
+    _LimitedSafeLoader.add_constructor(_tag, _LimitedSafeLoader._refuse_binary)
 
 
 def _check_size(value: Any, source: str) -> None:
@@ -71,6 +101,8 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError([ConfigIssue("", f"not valid YAML{where}: {problem}")], source=source) from None
     except RecursionError:
         raise ConfigError([ConfigIssue("", "the YAML is nested too deeply")], source=source) from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer longer than Python's digit limit
+        raise ConfigError([ConfigIssue("", f"not valid YAML: {exc}")], source=source) from None
     _check_size(data, source)
     return data
 

@@ -75,7 +75,7 @@ def _check_component(spec: Any, kind: str, path: str) -> list[ConfigIssue]:
     try:
         info.params.model_validate(dict(params))
     except ValidationError as exc:
-        return issues_from_validation_error(exc, prefix=f"{path}.params", model=info.params)
+        return issues_from_validation_error(exc, prefix=f"{path}.params", model=info.params, root=dict(params))
     return []
 
 
@@ -204,7 +204,7 @@ def load_experiment(source: Any, *, overrides: list[str] | None = None) -> Exper
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
-        issues += issues_from_validation_error(exc, model=Experiment)
+        issues += issues_from_validation_error(exc, model=Experiment, root=data)
         raise ConfigError(issues, source=name) from None
     experiment = _merge_defaults(experiment)
     if issues:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ibcore.errors import IbError
 from ibcore.protocols import AugmentSpec, is_tensor_split
 
 
@@ -136,8 +137,29 @@ class LoaderData:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        for x, y in loader:
+        iterator = iter(loader)
+        while True:
+            try:
+                x, y = next(iterator)
+            except StopIteration:
+                return
+            except IbError as exc:
+                raise _without_worker_traceback(exc) from None
             yield x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, dtype=torch.long)
+
+
+def _without_worker_traceback(exc: IbError) -> IbError:
+    """A DataLoader worker's error re-raised with its message only (torch embeds the worker's traceback)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    message = last[len(prefix) :] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    try:
+        return type(exc)(message)
+    except TypeError:  # an error type with another constructor: keep it whole
+        return exc
 
 
 def make_data(split: Any, device: torch.device, mode: str, num_workers: int) -> DeviceData | LoaderData:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ibcore.errors import CheckpointError
-from ibcore.files import _fsync_dir, atomic_write_text
+from ibcore.files import _fsync_dir, atomic_write_text, temp_file_beside
 
 MANIFEST = "checkpoints.json"
 
@@ -31,19 +31,48 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_CHECKPOINT_NAME = re.compile(r"epoch-\d{4,}\.pt")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _valid_entry(entry: Any) -> bool:
+    """A manifest entry names a checkpoint file in this folder: a crafted manifest cannot point elsewhere."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and _CHECKPOINT_NAME.fullmatch(entry["file"]) is not None
+        and isinstance(entry.get("epoch"), int)
+        and not isinstance(entry.get("epoch"), bool)
+        and isinstance(entry.get("sha256"), str)
+        and _SHA256.fullmatch(entry["sha256"]) is not None
+    )
+
+
 def _read_manifest(directory: Path) -> list[dict[str, Any]]:
     try:
         entries = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    return [e for e in entries if isinstance(e, dict) and "file" in e and "sha256" in e]
+    if not isinstance(entries, list):
+        warnings.warn(f"{directory / MANIFEST} is not a list of checkpoints; ignoring it", stacklevel=2)
+        return []
+    valid = [e for e in entries if _valid_entry(e)]
+    if len(valid) != len(entries):
+        warnings.warn(f"{directory / MANIFEST}: ignored {len(entries) - len(valid)} malformed entries", stacklevel=2)
+    return valid
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Delete temp files of checkpoint writes that a crash interrupted (each as large as a checkpoint)."""
+    for path in directory.glob(".epoch-*.pt.*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def save_checkpoint(directory: Path, epoch: int, state: dict[str, Any], keep: int) -> Path:
     """Save ``state`` as ``epoch-NNNN.pt`` atomically, record it in the manifest, keep the last ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"epoch-{epoch:04d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -81,6 +110,7 @@ def load_latest(directory: Path, map_location: Any = "cpu") -> dict[str, Any]:
     entries = _read_manifest(directory)
     if not entries:
         raise CheckpointError(f"no checkpoints found in {directory} (missing or unreadable {MANIFEST})")
+    remove_stale_temp_files(directory)
     problems = []
     for entry in reversed(entries):
         path = directory / entry["file"]

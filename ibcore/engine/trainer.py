@@ -44,7 +44,7 @@ from ibcore.engine.distributed import (
 from ibcore.engine.progress import ProgressDisplay
 from ibcore.engine.runs import RunState, effective_specs, spec_key
 from ibcore.engine.seeding import derive_seed
-from ibcore.errors import DataError, TrainingError
+from ibcore.errors import BuildError, ConfigError, ConfigIssue, ContextError, DataError, TrainingError
 from ibcore.report import read_metrics, write_plots, write_tables
 from ibcore.report.tables import console_table
 
@@ -114,6 +114,7 @@ class Trainer:
         self.experiment = experiment
         self.run_dir = run_dir
         self.quiet = quiet
+        self.experiment_source = _config_source(run_dir)
         self.seed = experiment.seed
         self.epochs = experiment.trainer.epochs
         self.dist = distributed or Distributed(mode=experiment.trainer.distributed.mode)
@@ -156,6 +157,7 @@ class Trainer:
         )
 
         self.runs = [RunState(run, self.context, self.seed, self.device) for run in experiment.runs]
+        self._preflight()
         if experiment.trainer.channels_last:
             # Faster convolutions on GPUs (tensor cores) and CPUs (oneDNN): 1.4-1.7x for small_cnn on 2 cores.
             for run in self.runs:
@@ -183,6 +185,38 @@ class Trainer:
             )
         else:
             self.fused = FusedTrainer.plan(self)
+
+    def _preflight(self) -> None:
+        """Build every component a run will use, at every stage, before the first batch.
+
+        Some mistakes are only visible with the data at hand (a class-weight list of the wrong length,
+        ``disable_last_epochs`` longer than the run): they are reported now, with their config path,
+        instead of after hours of training.
+        """
+        context = self.context.replace(iters_per_epoch=1)
+        specs: list[tuple[str, str, Any]] = [
+            (f"evaluators[{i}]", "evaluator", e) for i, e in enumerate(self.experiment.evaluators)
+        ]
+        for i, run in enumerate(self.experiment.runs):
+            for field in ("loss", "sampler", "mixer", "optimizer"):
+                specs.append((f"runs[{i}].{field}", field, getattr(run, field)))
+            for j, stage in enumerate(run.stages):
+                for field in ("loss", "sampler", "mixer", "optimizer"):
+                    specs.append((f"runs[{i}].stages[{j}].{field}", field, getattr(stage, field)))
+            for j, adjustment in enumerate(run.posthoc):
+                specs.append((f"runs[{i}].posthoc[{j}]", "adjustment", adjustment))
+        issues = []
+        for path, kind, spec in specs:
+            if spec is None:
+                continue
+            try:
+                build(kind, spec.name, spec.params, context=context)
+            except ConfigError as exc:
+                issues += [ConfigIssue(f"{path}.{issue.path}", issue.message) for issue in exc.issues]
+            except (ContextError, DataError, BuildError) as exc:
+                issues.append(ConfigIssue(path, str(exc)))
+        if issues:
+            raise ConfigError(issues, source=self.experiment_source)
 
     def _prepare_ranks(self) -> None:
         """SyncBatchNorm where asked; identical initial weights on every rank (checked, then rank 0's copied)."""
@@ -353,7 +387,16 @@ class Trainer:
                 handled = self.fused.step(members, x, y, epoch, step, iters, mixer_generators) if self.fused else set()
                 for run in members:
                     if run.name not in handled:
-                        self.train_step(run, x, y, epoch, step, iters, mixer_generators[run.name])
+                        try:
+                            self.train_step(run, x, y, epoch, step, iters, mixer_generators[run.name])
+                        except ValueError as exc:
+                            if "more than 1 value per channel" not in str(exc):
+                                raise
+                            raise TrainingError(
+                                f"run {run.name!r}, epoch {epoch}, batch {step}: a batch of {len(y)} sample cannot "
+                                "go through BatchNorm in training; set data.drop_last: true (or change "
+                                "data.batch_size) so the last batch is not a single sample"
+                            ) from exc
                 self.display.advance(len(y) * world)
 
     def fit(self) -> Results:
@@ -589,9 +632,14 @@ class Trainer:
                 **({"torch_per_rank": rng_per_rank} if rng_per_rank is not None else {}),
             },
         }
-        ckpt.save_checkpoint(
-            self.run_dir / "checkpoints", epoch, _plain(state), self.experiment.trainer.keep_checkpoints
-        )
+        directory = self.run_dir / "checkpoints"
+        try:
+            ckpt.save_checkpoint(directory, epoch, _plain(state), self.experiment.trainer.keep_checkpoints)
+        except OSError as exc:  # disk full, quota, permissions
+            raise TrainingError(
+                f"cannot write the checkpoint of epoch {epoch} in {directory}: {exc.strerror or exc}; "
+                "the previous checkpoint is intact, free space and run `ib resume` on the run directory"
+            ) from exc
 
     def _gather_run_states(self) -> None:
         """runs_parallel: copy every run's model and optimizer state from its owner into rank 0's copy."""
@@ -697,6 +745,21 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value
+
+
+def _config_source(run_dir: Path) -> str:
+    """The config file a run came from (for error messages), else the run's own config.yaml."""
+    try:
+        origin = json.loads((run_dir / "origin.json").read_text(encoding="utf-8"))
+        if (
+            isinstance(origin, dict)
+            and isinstance(origin.get("config"), str)
+            and origin["config"].endswith((".yaml", ".yml", ".json"))
+        ):
+            return origin["config"]
+    except (OSError, ValueError):
+        pass
+    return str(run_dir / "config.yaml")
 
 
 def _full_precision(logits: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def _rows(payload: Any, key: str, path: Path) -> list[dict[str, Any]]:
+    """``payload[key]``: a list of rows, each a mapping with a run name (checked: the file may be edited)."""
+    rows = payload.get(key, []) if isinstance(payload, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("run"), str) for r in rows):
+        raise IbError(f"{path}: '{key}' must be a list of rows with a 'run' name; the file is damaged or not ibcore's")
+    return rows
+
+
 def render_run_dir(run_dir: str | Path, console: Console | None = None) -> list[dict[str, Any]]:
     """Re-render tables and plots of ``run_dir`` from its results.json and metrics.jsonl."""
     run_dir = Path(run_dir)
@@ -36,7 +44,9 @@ def render_run_dir(run_dir: str | Path, console: Console | None = None) -> list[
         meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise IbError(f"cannot read the results of {run_dir}: {exc}") from exc
-    rows, best_rows = payload.get("last", []), payload.get("best_on_validation", [])
+    rows, best_rows = _rows(payload, "last", results_path), _rows(payload, "best_on_validation", results_path)
+    if not isinstance(meta, dict):
+        raise IbError(f"{run_dir / 'meta.json'} is not a mapping; is {run_dir} an ibcore run directory?")
     write_tables(run_dir, rows, best_rows)
     write_plots(run_dir, read_metrics(run_dir / "metrics.jsonl"), rows, meta.get("class_counts", []))
     print_table(rows, console)
