@@ -61,8 +61,8 @@ def test_unknown_scheme_name_is_rejected_with_a_suggestion() -> None:
 @pytest.mark.parametrize(
     ("spec", "path"),
     [
-        ({"name": "effective_number", "beta": 1.0}, "params.class_weights.effective_number.beta"),
-        ({"name": "effective_number", "beta": -0.1}, "params.class_weights.effective_number.beta"),
+        ({"name": "effective_number", "beta": 1.0}, "params.class_weights.beta"),
+        ({"name": "effective_number", "beta": -0.1}, "params.class_weights.beta"),
     ],
 )
 def test_out_of_range_beta_is_reported_with_its_path(spec: dict[str, object], path: str) -> None:

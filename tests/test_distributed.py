@@ -64,6 +64,8 @@ def experiment(
             "keep_checkpoints": 2,
             "device": "cpu",
             "fused": "off",
+            # one memory layout for every rank count, so float32 sums differ only by the DDP reduction
+            "channels_last": False,
             "distributed": {"mode": mode, "sync_batchnorm": True},
         },
         "defaults": {
@@ -79,8 +81,10 @@ def experiment(
 # -- unit tests: the split, the checks, the pieces ---------------------------------------------
 
 
-@pytest.mark.parametrize(("length", "world", "batch", "drop_last"), [(1548, 2, 128, False), (1000, 4, 64, False),
-                                                                      (999, 3, 96, False), (999, 3, 96, True)])
+@pytest.mark.parametrize(
+    ("length", "world", "batch", "drop_last"),
+    [(1548, 2, 128, False), (1000, 4, 64, False), (999, 3, 96, False), (999, 3, 96, True)],
+)
 def test_the_ranks_batches_together_are_the_single_process_batches(
     length: int, world: int, batch: int, drop_last: bool
 ) -> None:
@@ -148,8 +152,11 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path: Path) -> None:
 
 def test_resuming_with_another_world_size_or_mode_is_refused() -> None:
     two = {"distributed": {"world_size": 2, "mode": "data_parallel"}}
-    with pytest.raises(TrainingError, match=r"written by 2 processes in data_parallel mode, but this resume runs 1 "
-                                            r"process.*torchrun --nproc_per_node=2 -m ibcore.cli resume runs/x"):
+    with pytest.raises(
+        TrainingError,
+        match=r"written by 2 processes in data_parallel mode, but this resume runs 1 "
+        r"process.*torchrun --nproc_per_node=2 -m ibcore.cli resume runs/x",
+    ):
         check_resume_world(two, Distributed(), "runs/x")
     with pytest.raises(TrainingError, match="in runs_parallel mode"):
         check_resume_world(two, Distributed(world_size=2, mode="runs_parallel"), "runs/x")
@@ -196,8 +203,15 @@ def free_port() -> int:
 
 def torchrun(*args: str, nproc: int = 2, script: Path | None = None) -> list[str]:
     target = [str(script)] if script is not None else ["-m", "ibcore.cli"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", *target, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *target,
+        *args,
+    ]
 
 
 def launch_env(**extra: str) -> dict[str, str]:
@@ -228,8 +242,9 @@ def metric_lines(run_dir: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
 
 
-def assert_close_models(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]],
-                        rtol: float) -> None:
+def assert_close_models(
+    a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]], rtol: float
+) -> None:
     assert a.keys() == b.keys()
     for run in a:
         assert a[run].keys() == b[run].keys()
@@ -248,9 +263,14 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     config = root / "exp.yaml"
     config.write_text(json.dumps(experiment()))
     started = time.monotonic()
-    done = subprocess.run(torchrun("run", str(config), "--quiet", "--out", str(root / "out")), cwd=root,
-                          env=launch_env(IB_DUMP_INDICES=str(root / "indices")), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        torchrun("run", str(config), "--quiet", "--out", str(root / "out")),
+        cwd=root,
+        env=launch_env(IB_DUMP_INDICES=str(root / "indices")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     print(f"two-process run: {time.monotonic() - started:.1f}s")
     yield run_dir_in(root / "out"), root
@@ -282,8 +302,10 @@ def test_each_epoch_the_ranks_take_disjoint_slices_of_the_samplers_stream(
     assert len(reference.train_data) % 2 == 0  # so no index is repeated to even out the slices
     for epoch in range(5):
         dumped = [
-            {entry["sampler"]: np.array(entry["indices"])
-             for entry in map(json.loads, (root / "indices" / f"indices-rank{rank}-epoch{epoch}.jsonl").open())}
+            {
+                entry["sampler"]: np.array(entry["indices"])
+                for entry in map(json.loads, (root / "indices" / f"indices-rank{rank}-epoch{epoch}.jsonl").open())
+            }
             for rank in range(2)
         ]
         assert dumped[0].keys() == dumped[1].keys() and len(dumped[0]) == 2  # instance and class_balanced
@@ -331,8 +353,14 @@ def test_in_float64_two_processes_match_one_process_to_rounding(tmp_path: Path) 
     config.write_text(json.dumps(experiment(epochs=2)))
     launcher = tmp_path / "float64_ib.py"
     launcher.write_text(LAUNCHER_FLOAT64)
-    done = subprocess.run(torchrun("run", str(config), "--quiet", "--out", str(tmp_path / "two"), script=launcher),
-                          cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        torchrun("run", str(config), "--quiet", "--out", str(tmp_path / "two"), script=launcher),
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -345,8 +373,9 @@ def test_in_float64_two_processes_match_one_process_to_rounding(tmp_path: Path) 
     for got, expected in zip(metric_lines(two), metric_lines(single.run_dir), strict=True):
         assert got.keys() == expected.keys()
         for key, value in got.items():
-            assert value == (pytest.approx(expected[key], rel=1e-9, abs=1e-9) if isinstance(value, float)
-                             else expected[key]), key
+            assert value == (
+                pytest.approx(expected[key], rel=1e-9, abs=1e-9) if isinstance(value, float) else expected[key]
+            ), key
 
 
 def process_tree(pid: int) -> list[int]:
@@ -390,8 +419,7 @@ def kill_tree(pid: int) -> None:
 
 def kill_after_checkpoint(command: list[str], out: Path, cwd: Path, epoch: int) -> Path:
     """Start ``command`` (a torchrun launch); SIGKILL torchrun and its workers once ``epoch`` is checkpointed."""
-    process = subprocess.Popen(command, cwd=cwd, env=launch_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=cwd, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     run_dir = None
     try:
@@ -421,10 +449,17 @@ def test_a_killed_two_process_run_resumes_under_torchrun_to_the_same_numbers(
     expected_dir, _ = two_process_run
     config = tmp_path / "exp.yaml"
     config.write_text(json.dumps(experiment()))
-    run_dir = kill_after_checkpoint(torchrun("run", str(config), "--quiet", "--out", str(tmp_path / "out")),
-                                    tmp_path / "out", tmp_path, epoch=2)
-    resumed = subprocess.run(torchrun("resume", str(run_dir), "--quiet"), cwd=tmp_path, env=launch_env(),
-                             capture_output=True, text=True, timeout=300)
+    run_dir = kill_after_checkpoint(
+        torchrun("run", str(config), "--quiet", "--out", str(tmp_path / "out")), tmp_path / "out", tmp_path, epoch=2
+    )
+    resumed = subprocess.run(
+        torchrun("resume", str(run_dir), "--quiet"),
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed after epoch" in (run_dir / "train.log").read_text()
     expected = json.loads((expected_dir / "results.json").read_text())["last"]
@@ -439,8 +474,14 @@ def test_resuming_with_another_number_of_processes_fails_clearly(
 ) -> None:
     run_dir, _ = two_process_run
     before = (run_dir / "metrics.jsonl").read_text()
-    one = subprocess.run([sys.executable, "-m", "ibcore.cli", "resume", str(run_dir), "--quiet"], cwd=tmp_path,
-                         env=launch_env(COLUMNS="400"), capture_output=True, text=True, timeout=120)
+    one = subprocess.run(
+        [sys.executable, "-m", "ibcore.cli", "resume", str(run_dir), "--quiet"],
+        cwd=tmp_path,
+        env=launch_env(COLUMNS="400"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 1
     assert "written by 2 processes in data_parallel mode, but this resume runs 1 process" in one.stderr
     assert "torchrun --nproc_per_node=2 -m ibcore.cli resume" in one.stderr and "Traceback" not in one.stderr
@@ -448,8 +489,14 @@ def test_resuming_with_another_number_of_processes_fails_clearly(
 
     # The other way round: a single-process run resumed by two processes.
     single = ibcore.run(experiment(epochs=1), out_dir=tmp_path / "single", quiet=True)
-    two = subprocess.run(torchrun("resume", str(single.run_dir), "--quiet"), cwd=tmp_path,
-                         env=launch_env(COLUMNS="400"), capture_output=True, text=True, timeout=120)
+    two = subprocess.run(
+        torchrun("resume", str(single.run_dir), "--quiet"),
+        cwd=tmp_path,
+        env=launch_env(COLUMNS="400"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert two.returncode == 1
     assert "written by 1 process, but this resume runs 2 processes in data_parallel mode" in two.stderr
 
@@ -460,14 +507,24 @@ def test_runs_parallel_trains_each_run_as_one_process_would_and_resumes(tmp_path
     # Three runs over two ranks: rank 0 trains ce and balanced, rank 1 trains focal, each on the full
     # batch stream; rank 0 gathers their states into each checkpoint. Killed and resumed, the run
     # still ends with the single-process numbers.
-    runs = [{"name": "ce"}, {"name": "focal", "loss": {"name": "focal", "params": {"gamma": 1.0}}},
-            {"name": "balanced", "sampler": {"name": "class_balanced"}}]
+    runs = [
+        {"name": "ce"},
+        {"name": "focal", "loss": {"name": "focal", "params": {"gamma": 1.0}}},
+        {"name": "balanced", "sampler": {"name": "class_balanced"}},
+    ]
     config = tmp_path / "exp.yaml"
     config.write_text(json.dumps(experiment(mode="runs_parallel", runs=runs)))
-    run_dir = kill_after_checkpoint(torchrun("run", str(config), "--quiet", "--out", str(tmp_path / "out")),
-                                    tmp_path / "out", tmp_path, epoch=2)
-    resumed = subprocess.run(torchrun("resume", str(run_dir), "--quiet"), cwd=tmp_path, env=launch_env(),
-                             capture_output=True, text=True, timeout=300)
+    run_dir = kill_after_checkpoint(
+        torchrun("run", str(config), "--quiet", "--out", str(tmp_path / "out")), tmp_path / "out", tmp_path, epoch=2
+    )
+    resumed = subprocess.run(
+        torchrun("resume", str(run_dir), "--quiet"),
+        cwd=tmp_path,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     log = (run_dir / "train.log").read_text()
     assert "rank 0 trains: ce, balanced" in log and "rank 1 trains: focal" in log
@@ -478,7 +535,9 @@ def test_runs_parallel_trains_each_run_as_one_process_would_and_resumes(tmp_path
         single = ibcore.run(experiment(mode="runs_parallel", runs=runs), out_dir=tmp_path / "one", quiet=True)
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((run_dir / "results.json").read_text())["last"] == json.loads(
-        (single.run_dir / "results.json").read_text())["last"]
+    assert (
+        json.loads((run_dir / "results.json").read_text())["last"]
+        == json.loads((single.run_dir / "results.json").read_text())["last"]
+    )
     assert metric_lines(run_dir) == metric_lines(single.run_dir)
     assert_close_models(final_models(run_dir), final_models(single.run_dir), rtol=0.0)

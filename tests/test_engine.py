@@ -349,9 +349,15 @@ def test_the_written_config_keeps_a_mixer_that_a_stage_does_not_mention(tmp_path
     from ibcore.engine.runs import effective_specs
 
     config = tiny_config(epochs=3)
-    config["runs"] = [{"name": "remix_drw", "mixer": {"name": "input_mixup"},
-                       "stages": [{"from_epoch": 2, "loss": {"name": "cross_entropy",
-                                                             "params": {"class_weights": {"name": "inverse"}}}}]}]
+    config["runs"] = [
+        {
+            "name": "remix_drw",
+            "mixer": {"name": "input_mixup"},
+            "stages": [
+                {"from_epoch": 2, "loss": {"name": "cross_entropy", "params": {"class_weights": {"name": "inverse"}}}}
+            ],
+        }
+    ]
     experiment = load_experiment(config)
     reloaded = load_experiment(resolved_config(experiment))  # what `ib resume` reads from config.yaml
     for epoch in range(3):

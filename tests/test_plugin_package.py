@@ -402,7 +402,9 @@ def test_the_core_works_with_the_builtins_disabled(ib_subprocess: Run, tmp_path:
 
     result = ib_subprocess(["validate", str(write_config(tmp_path, "{name: cross_entropy}"))], env=env)
     assert result.rc == 1
-    assert "Unknown loss 'cross_entropy'. No losses are installed" in result.line_with("runs[0].loss.name")
+    assert "loss 'cross_entropy' is provided by ibcore, which IB_DISABLE_PLUGINS switches off" in result.line_with(
+        "runs[0].loss.name"
+    )
 
 
 def test_the_core_works_when_the_builtin_package_cannot_be_imported(ib_subprocess: Run, tmp_path: Path) -> None:

@@ -293,6 +293,9 @@ def test_no_components_of_a_kind_says_so(monkeypatch: pytest.MonkeyPatch) -> Non
     with registry_snapshot():
         reset_discovery()
         with pytest.raises(RegistryError, match=r"No losses are installed"):
+            resolve("loss", "no_such_loss")
+        # a name the disabled distribution provides says why it is missing
+        with pytest.raises(RegistryError, match=r"provided by ibcore, which IB_DISABLE_PLUGINS switches off"):
             resolve("loss", "cross_entropy")
 
 

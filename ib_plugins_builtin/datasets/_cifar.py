@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -90,12 +91,61 @@ def _download(layout: CifarLayout, root: Path) -> None:
         raise DataError(f"Downloading {layout.title} into {root} failed: {exc}") from exc
 
 
+def _numpy_reconstruct() -> Callable[..., Any]:
+    """numpy's array-rebuilding function, wherever this numpy version keeps it."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return _reconstruct  # type: ignore[no-any-return]
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` limited to latin-1: how pickle protocol 2 written by Python 3 stores ``bytes``."""
+    if encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} (only latin1 rebuilds bytes)")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An Unpickler that can rebuild only what CIFAR batches hold: dicts, lists, bytes, str, ints, numpy arrays.
+
+    ``pickle.load`` imports and calls any global a file names, so a crafted batch could run code;
+    this one refuses every global but numpy's array rebuilding (under both numpy 1 and numpy 2
+    module names, so files written by either load) and the latin-1 bytes encoding of protocol 2.
+    """
+
+    def __init__(self, handle: BinaryIO, path: Path, layout: CifarLayout) -> None:
+        super().__init__(handle, encoding="bytes")  # the official files are Python 2 pickles
+        self.path = path
+        self.layout = layout
+
+    def find_class(self, module: str, name: str) -> Any:
+        reconstruct = ("numpy.core.multiarray", "numpy._core.multiarray")
+        if module in reconstruct and name == "_reconstruct":
+            return _numpy_reconstruct()
+        if module == "numpy" and name == "ndarray":
+            return np.ndarray
+        if module == "numpy" and name == "dtype":
+            return np.dtype
+        if module == "_codecs" and name == "encode":
+            return _latin1_encode
+        raise DataError(
+            f"{self.layout.title} file {self.path} was refused: its pickle asks for {module}.{name}, which a CIFAR "
+            "python batch never needs (it holds only dicts, lists, bytes and numpy arrays). Loading it could run "
+            "code; replace it with the official file from https://www.cs.toronto.edu/~kriz/cifar.html."
+        )
+
+
 def _unpickle(path: Path, layout: CifarLayout) -> dict[Any, Any]:
+    """The dict of one CIFAR python pickle, read with :class:`_CifarUnpickler` so no code in the file can run."""
     try:
         with path.open("rb") as handle:
-            content = pickle.load(handle, encoding="bytes")  # the official files are Python 2 pickles
+            content = _CifarUnpickler(handle, path, layout).load()
     except FileNotFoundError:
         raise DataError(f"{layout.title} file {path} is missing; {_expected_layout(layout, path.parent)}.") from None
+    except DataError:
+        raise
     except Exception as exc:  # unpickling a damaged file can raise almost anything
         raise DataError(f"{layout.title} file {path} is not a readable CIFAR python batch: {exc}") from exc
     if not isinstance(content, dict):

@@ -2,8 +2,9 @@
 
 Each loss computes a per-sample term ``l_i`` and a normaliser ``D`` (the batch size N, or the sum of the
 true classes' weights for PyTorch's weighted mean); the result is ``sum_i(s_i * l_i) / D`` with
-``s_i`` the optional ``sample_weight``. ``D`` never depends on ``sample_weight``, so a mixed batch's
-loss is ``loss(z, y_a, w) + loss(z, y_b, 1 - w)`` and ``w == 1`` gives the plain loss exactly.
+``s_i`` the optional ``sample_weight``, and 0 when ``D`` is 0 (every true class has weight 0). ``D``
+never depends on ``sample_weight``, so a mixed batch's loss is ``loss(z, y_a, w) + loss(z, y_b, 1 - w)``
+and ``w == 1`` gives the plain loss exactly.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ def _inside_functorch(tensor: Tensor) -> bool:
     return bool(is_wrapped(tensor)) if callable(is_wrapped) else False
 
 
+def _divide_or_zero(total: Tensor, normaliser: Tensor) -> Tensor:
+    """total / normaliser, or 0 (with a gradient of 0) where the normaliser is 0.
+
+    A weighted mean over sum_i w_{y_i} is 0/0 for a batch whose classes all have weight 0: no sample
+    counts, so the loss is 0 instead of NaN. ``torch.where`` rather than an ``if``, so no value is read
+    back to the host and the fused (vmapped) and compiled paths still work; the divisor is made 1
+    there so the unused branch has no NaN gradient either.
+    """
+    nonzero = normaliser != 0
+    safe = torch.where(nonzero, normaliser, torch.ones_like(normaliser))
+    return torch.where(nonzero, total / safe, torch.zeros_like(total))
+
+
 class ClassificationLoss(nn.Module):
     """Base of the built-in losses: ``loss(logits, targets, sample_weight=None) -> scalar``.
 
@@ -99,7 +113,9 @@ class ClassificationLoss(nn.Module):
         terms, normaliser = self.per_sample(logits, targets)
         if sample_weight is not None:
             terms = terms * sample_weight.to(dtype=terms.dtype)
-        return terms.sum() / normaliser
+        if isinstance(normaliser, int):
+            return terms.sum() / normaliser
+        return _divide_or_zero(terms.sum(), normaliser)
 
     def weight_of(self, targets: Tensor, like: Tensor) -> Tensor | None:
         """The true classes' weights w_{y_i} (N,), on ``like``'s device and dtype; ``None`` if unweighted."""

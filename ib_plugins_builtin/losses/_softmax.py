@@ -15,10 +15,27 @@ Normalisation = Literal["batch", "weight_sum"]
 
 
 def _weighted_normaliser(weights: Tensor | None, targets: Tensor, normalisation: Normalisation) -> Tensor | int:
-    """N, or sum_i w_{y_i} (PyTorch's weighted mean) when weighted and ``normalisation == 'weight_sum'``."""
+    """N, or sum_i w_{y_i} (PyTorch's weighted mean) when weighted and ``normalisation == 'weight_sum'``.
+
+    The sum is 0 when every sample's class has weight 0; the base class then returns a loss of 0.
+    """
     if weights is None or normalisation == "batch":
         return targets.shape[0]
     return weights[targets].sum()
+
+
+def _focal_modulator(ce: Tensor, gamma: float) -> Tensor:
+    """(1 - exp(-ce))^gamma, exactly as LDAM-DRW computes it, with a finite gradient where it is 0.
+
+    For 0 < gamma < 1 the derivative of x^gamma is infinite at x = 0, which a confidently right
+    sample (or one of weight 0) reaches once exp(-ce) rounds to 1; autograd then gives inf * 0 = NaN.
+    The base is replaced by 1 there and the result by 0 (the value), so the gradient through it is 0,
+    the limit of d/dce [(1 - e^-ce)^gamma * ce] as ce -> 0. Elsewhere values and gradients are unchanged.
+    """
+    one_minus_p = 1.0 - torch.exp(-ce)
+    positive = one_minus_p > 0
+    safe_base = torch.where(positive, one_minus_p, torch.ones_like(one_minus_p))
+    return torch.where(positive, safe_base**gamma, torch.zeros_like(one_minus_p))
 
 
 class CrossEntropyLoss(ClassificationLoss):
@@ -77,7 +94,7 @@ class SoftmaxFocalLoss(ClassificationLoss):
         ce = F.cross_entropy(logits, targets, weight=self.weights_on(logits), reduction="none")
         if self.gamma == 0:
             return ce, targets.shape[0]
-        return (1.0 - torch.exp(-ce)) ** self.gamma * ce, targets.shape[0]
+        return _focal_modulator(ce, self.gamma) * ce, targets.shape[0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, variant=softmax, gamma={self.gamma}"

@@ -637,7 +637,7 @@ class Trainer:
             ckpt.save_checkpoint(directory, epoch, _plain(state), self.experiment.trainer.keep_checkpoints)
         except OSError as exc:  # disk full, quota, permissions
             raise TrainingError(
-                f"cannot write the checkpoint of epoch {epoch} in {directory}: {exc.strerror or exc}; "
+                f"cannot write the checkpoint {directory / f'epoch-{epoch:04d}.pt'}: {exc.strerror or exc}; "
                 "the previous checkpoint is intact, free space and run `ib resume` on the run directory"
             ) from exc
 

@@ -65,8 +65,8 @@ def in_class_weights(path: Path_) -> bool:
     return "class_weights" in path
 
 
-# Keys with "[" or a "function-" prefix are left out of the general properties: they crash the error
-# renderer today (see test_a_key_with_a_bracket_is_reported_not_a_crash, an xfail naming the bug).
+# Keys with "[" or a "function-" prefix are left out of the general properties: pydantic uses such strings
+# for union tags, and test_a_key_with_a_bracket_is_reported_not_a_crash covers them on their own.
 safe_keys = st.text(min_size=1, max_size=10).filter(lambda k: "[" not in k and not k.startswith("function-"))
 names = st.sampled_from(
     ["cross_entropy", "focal", "mnist_lt", "small_cnn", "sgd", "os:system", "ibcore:focal", "", " ", "nan"]
@@ -533,11 +533,6 @@ def test_wrong_length_class_weights_pass_validation_and_stop_ib_run_before_train
     assert not list(out.glob("*/checkpoints")) and not list(out.glob("*/metrics.jsonl"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: a ConfigError raised while the engine builds a component carries the component-relative "
-    "path 'params.class_weights' and no file, not 'runs[0].loss.params.class_weights' in <config>",
-)
 def test_wrong_length_class_weights_error_names_the_run_path(ib_cli: Callable[..., Any], tmp_path: Path) -> None:
     path = wrong_length_class_weights(tmp_path)
     result = ib_cli("run", str(path), "--quiet", "--out", str(tmp_path / "out"))
@@ -548,12 +543,6 @@ def test_wrong_length_class_weights_error_names_the_run_path(ib_cli: Callable[..
 # Known bugs, each shown by its smallest case
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="ibcore bug: issues_from_validation_error drops every loc part containing '[' (meant for pydantic's "
-    "union tags), so an unknown key like 'milestones[0]' leaves an empty loc and _message raises IndexError",
-)
 def test_a_key_with_a_bracket_is_reported_not_a_crash() -> None:
     config = base_config()
     config["defaults"]["optimizer"]["params"]["milestones[0]"] = 3  # a plausible typo for a list element
@@ -561,10 +550,6 @@ def test_a_key_with_a_bracket_is_reported_not_a_crash() -> None:
     assert any("milestones[0]" in issue.message for issue in issues)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: the tag of a discriminated union ('list', 'effective_number') leaks into issue paths",
-)
 @pytest.mark.parametrize(
     ("value", "where"),
     [
@@ -592,11 +577,6 @@ def _float_params() -> list[tuple[str, str, str]]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: ibcore.Params does not set allow_inf_nan=False, so every float param bounded only from "
-    "below (lr, gamma, alpha, imbalance_ratio, ...) accepts .inf",
-)
 def test_infinity_is_refused_by_every_float_param() -> None:
     accepted = []
     for kind, name, field_name in _float_params():
@@ -616,13 +596,6 @@ def test_infinity_is_refused_by_every_float_param() -> None:
     assert not accepted, f"accepted .inf: {', '.join(accepted)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="ibcore bug: parse_yaml catches only YAMLError and RecursionError, but PyYAML's constructors raise "
-    "ValueError for a date-like scalar that is not a date (2001-02-30) and for an integer over Python's 4300-digit "
-    "limit: a traceback instead of a ConfigError",
-)
 @pytest.mark.parametrize(
     "scalar", ["2001-02-30", "2024-12-14 25:61:61", "9" * 5000], ids=["date", "time", "5000-digit-int"]
 )
@@ -632,9 +605,6 @@ def test_a_date_like_value_that_is_not_a_date_is_not_a_crash(tmp_path: Path, sca
     issues_of(path)  # a ConfigError, or valid if the loader keeps such scalars as strings: anything but a crash
 
 
-@pytest.mark.xfail(
-    strict=True, reason="ibcore bug: duplicate YAML keys are accepted silently; the last one wins (PyYAML default)"
-)
 def test_a_duplicate_key_is_reported(tmp_path: Path) -> None:
     text = BASE_TEXT + "trainer: {epochs: 400}\n"  # a second `trainer:` that silently replaces the first
     path = tmp_path / "duplicate.yaml"
@@ -642,11 +612,6 @@ def test_a_duplicate_key_is_reported(tmp_path: Path) -> None:
     assert any("trainer" in f"{issue.path} {issue.message}" for issue in issues_of(path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: the safe loader builds bytes from !!binary and pydantic turns bytes into str, but the "
-    "registry check skips non-str names: an unknown component named by a !!binary scalar validates",
-)
 def test_a_binary_tagged_component_name_is_checked(tmp_path: Path) -> None:
     text = BASE_TEXT.replace("name: cross_entropy", "name: !!binary bm9wZQ==")  # b"nope"
     assert "!!binary" in text
@@ -655,12 +620,6 @@ def test_a_binary_tagged_component_name_is_checked(tmp_path: Path) -> None:
     assert issues_of(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: the value limit (200,000) is enforced while constructing, after PyYAML composed the whole "
-    "node graph: a flat list of a million numbers (2 MB, under the 5 MiB file limit) takes ~20 s and ~600 MB "
-    "before it is refused",
-)
 def test_a_large_flat_document_is_refused_quickly(tmp_path: Path) -> None:
     path = tmp_path / "flat.yaml"
     path.write_text("x: [" + "0," * 1_000_000 + "0]\n", encoding="utf-8")

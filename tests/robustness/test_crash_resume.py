@@ -310,11 +310,6 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_and_manifest_i
     assert ckpt.load_latest(directory)["epoch"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: atomic writes go through tempfile.mkstemp, which creates files 0o600 whatever the umask, "
-    "so config.yaml, results.*, meta.json and checkpoints are unreadable to the group on a shared cluster",
-)
 def test_atomic_writes_respect_the_umask(tmp_path: Path) -> None:
     from ibcore.files import atomic_write_text
 
@@ -397,11 +392,6 @@ def test_an_unwritable_disk_is_reported_before_training_even_as_root(
     assert not list(out.glob("*/config.yaml"))  # nothing was written
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: an OSError while writing a checkpoint (disk full) escapes Trainer.save as a raw traceback; "
-    "it should be a TrainingError naming the file and saying the previous checkpoint is intact",
-)
 def test_a_full_disk_during_ib_run_is_a_clear_error_and_keeps_the_last_checkpoint(
     ib_cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_experiment: Callable[..., Path]
 ) -> None:
@@ -422,11 +412,6 @@ def test_a_full_disk_during_ib_run_is_a_clear_error_and_keeps_the_last_checkpoin
     assert "No space left on device" in result.err and "epoch-0002.pt" in result.err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore gap: temp files of checkpoints interrupted by kill -9 (.epoch-NNNN.pt.*.tmp, each as large as a "
-    "checkpoint) are never removed, not even by a successful resume",
-)
 def test_resume_removes_temp_files_left_by_a_killed_save(
     ib_cli: Callable[..., Any], tmp_path: Path, tiny_experiment: Callable[..., Path]
 ) -> None:

@@ -176,12 +176,6 @@ def test_a_missing_list_file_is_named(ib_cli: Cli, tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob("*/metrics.jsonl"))  # found before any training
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore gap: with data.num_workers > 0, torch re-raises a worker's DataError with the worker's whole "
-    "traceback in the message ('Caught DataError in DataLoader worker process 0. Original Traceback ...'), and "
-    "`ib run` prints it; LoaderData.iterate could re-raise the IbError with its own message",
-)
 def test_a_missing_image_read_by_a_worker_is_named_without_a_traceback(ib_cli: Cli, tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_image_list(root, extra_train="images/gone.png 1")

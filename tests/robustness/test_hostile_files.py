@@ -118,12 +118,6 @@ def test_a_hostile_newest_checkpoint_is_skipped_for_the_previous_good_one(
 # checkpoints.json is data too
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug (security): save_checkpoint prunes `directory / entry['file']` for every manifest entry "
-    "beyond keep_checkpoints without checking the name, so a crafted checkpoints.json makes `ib resume` delete any "
-    "file the user can delete ('../victim.txt', absolute paths)",
-)
 def test_a_crafted_manifest_cannot_make_a_save_delete_files_outside_the_folder(tmp_path: Path) -> None:
     directory = tmp_path / "run" / "checkpoints"
     victim = tmp_path / "run" / "victim.txt"
@@ -145,11 +139,6 @@ MALFORMED_MANIFESTS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: _read_manifest keeps any dict with 'file' and 'sha256', so malformed entries reach "
-    "Path / int, sorting and hashing: TypeError, KeyError or IsADirectoryError instead of a CheckpointError",
-)
 @pytest.mark.parametrize("entries", list(MALFORMED_MANIFESTS.values()), ids=list(MALFORMED_MANIFESTS))
 def test_a_malformed_manifest_is_a_checkpoint_error(tmp_path: Path, entries: list[dict[str, Any]]) -> None:
     directory = tmp_path / "checkpoints"
@@ -304,12 +293,6 @@ def test_a_component_name_that_looks_like_an_import_path_is_an_unknown_name_and_
 # Data files: CIFAR's python batches are pickles
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ib_plugins_builtin bug (security): datasets/_cifar.py reads CIFAR batches with pickle.load, so a "
-    "crafted data_batch_1 under data.dataset.params.root runs code on `ib run`; a restricted Unpickler (numpy "
-    "arrays, dicts, lists, bytes only) would refuse it",
-)
 def test_a_cifar_batch_that_would_run_code_is_refused(ib_cli: Callable[..., Any], tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     folder = tmp_path / "cifar" / "cifar-10-batches-py"
@@ -348,11 +331,6 @@ def test_ib_report_never_imports_the_plugins_of_a_run_directory(ib_cli: Callable
     assert "ibtest_sentinel" not in sys.modules and not (run_dir / "ibtest_sentinel.imported").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: render_run_dir trusts the shape of results.json; a list, null, a non-list 'last' or a row "
-    "without 'run' ends `ib report` in AttributeError/TypeError/KeyError tracebacks",
-)
 @pytest.mark.parametrize(
     "results",
     [[], None, {"last": 5}, {"last": [1, 2]}, {"last": [{}]}],

@@ -78,11 +78,6 @@ def test_a_nan_image_stops_the_runs_that_train_on_it_with_a_clear_record(run_tin
     assert not [line for line in metrics if line["split"] == "test"], "a failed run must not be evaluated"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore gap: `ib run` exits 0 when every run failed (non-finite loss); scripts and CI cannot tell a "
-    "wasted experiment from a good one (errors.TrainingError's docstring names this case)",
-)
 def test_ib_run_exits_non_zero_when_every_run_failed(run_tiny: Callable[..., Any]) -> None:
     result, _ = run_tiny(lambda c: c["data"]["dataset"].update(params={"nan_index": 3}))
     assert result.rc != 0
@@ -196,11 +191,6 @@ def test_every_builtin_loss_is_finite_on_batches_that_miss_classes(
     assert torch.isfinite(logits.grad).all(), LOSS_SPECS[index]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ib_plugins_builtin gap: with weighted_normalisation 'weight_sum' (the default, PyTorch's convention) a "
-    "batch whose classes all have class weight 0 divides 0 by 0: NaN, and the trainer stops the run as non-finite",
-)
 @pytest.mark.parametrize("name", ["cross_entropy", "ldam"])
 def test_a_batch_of_zero_weight_classes_gives_a_finite_loss(name: str) -> None:
     loss = ibcore.build("loss", name, {"class_weights": [0.0, 1.0, 1.0, 1.0]}, context=CONTEXT)
@@ -208,12 +198,6 @@ def test_a_batch_of_zero_weight_classes_gives_a_finite_loss(name: str) -> None:
     assert torch.isfinite(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ib_plugins_builtin bug: the softmax focal loss computes (1 - p_t) ** gamma; for 0 < gamma < 1 its "
-    "derivative is infinite where p_t rounds to 1 (a confidently right sample), so the loss is 0.0 but every "
-    "gradient is NaN: the weights turn NaN silently and the run fails one step later",
-)
 def test_softmax_focal_with_gamma_below_one_has_finite_gradients_on_a_confident_sample() -> None:
     loss = ibcore.build("loss", "focal", {"gamma": 0.5, "variant": "softmax"}, context=CONTEXT)
     logits = torch.tensor([[0.0, 0.0, 30.0, 0.0]], requires_grad=True)  # p_t == 1.0 in float32
@@ -278,12 +262,6 @@ def test_a_batchnorm1d_backbone_trains_with_drop_last(run_tiny: Callable[..., An
     assert rows_of(run_dir)["ce"]["status"] == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore gap: a last training batch of one sample through BatchNorm1d ends `ib run` with torch's "
-    "ValueError traceback ('Expected more than 1 value per channel when training'); the trainer could warn when "
-    "len(sampler) % batch_size == 1 and turn the error into a clear message suggesting data.drop_last: true",
-)
 def test_a_batchnorm1d_backbone_with_a_last_batch_of_one_gets_a_clear_message(
     run_tiny: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -104,11 +104,6 @@ def test_a_non_conforming_sampler_is_refused_before_training(ib_cli: Callable[..
     assert "missing: indices" in " ".join(result.err.split())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: build() lets any exception of a factory escape; `ib run` ends in a RuntimeError traceback "
-    "that does not say which component or provider failed",
-)
 def test_a_factory_that_raises_at_build_stops_ib_run_with_a_clear_error(
     ib_cli: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -123,11 +118,6 @@ def test_a_factory_that_raises_at_build_stops_ib_run_with_a_clear_error(
     assert "RuntimeError: cannot build: lookup table /nonexistent/table.npy is missing" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore gap: evaluators are built at the first evaluation, so a non-conforming evaluator is reported "
-    "only after a whole training epoch (hours on a real data set) instead of before the first step",
-)
 def test_a_non_conforming_evaluator_is_refused_before_training(ib_cli: Callable[..., Any], tmp_path: Path) -> None:
     write_module(tmp_path, "ibtest_failing_factories", FAILING_FACTORIES)
     path = config_with(
@@ -173,12 +163,6 @@ def test_a_plugins_module_that_breaks_stops_ib_run_before_a_run_directory(
     assert ibcore.list_components("loss", "cross_entropy")[0].provider == "ibcore"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore bug: register() checks a class's methods with getattr(cls, name), which finds type.__call__ on "
-    "every class, so a loss (or backbone, adjustment) class without __call__ is accepted at registration (build() "
-    "still refuses it with a ProtocolError)",
-)
 def test_a_loss_class_without_call_is_refused_at_registration() -> None:
     class NotALoss:
         """A loss class that forgot __call__."""
@@ -190,11 +174,6 @@ def test_a_loss_class_without_call_is_refused_at_registration() -> None:
         ibcore.register_loss("ibtest_class_without_call")(NotALoss)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ibcore gap: a component of a distribution switched off by IB_DISABLE_PLUGINS is reported as unknown "
-    "('No datasets are installed'), without saying that the environment variable disabled its provider",
-)
 def test_using_a_component_of_a_disabled_distribution_says_it_is_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IB_DISABLE_PLUGINS", "ibcore")
     reset_discovery()  # isolated_plugins restores the registry afterwards
