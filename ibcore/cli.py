@@ -109,8 +109,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 exc.source = path
             _print_config_error(exc, console)
         else:
+            count = len(experiment.runs)
             console.print(
-                f"[green]✓[/green] {escape(path)}: valid ({len(experiment.runs)} runs: "
+                f"[green]✓[/green] {escape(path)}: valid ({count} run{'s' if count != 1 else ''}: "
                 f"{', '.join(r.name for r in experiment.runs)})"
             )
     return 1 if failed else 0
