@@ -58,14 +58,19 @@ class _Group:
         self.names = list(self.params)
         self.groups = []  # per parameter name: the torch param group of each run
         self.momentum_buffers = {}
+        # Per run, once: parameters by name and each parameter's optimizer group (not a scan per parameter).
+        named = [dict(run.model.named_parameters()) for run in runs]
+        group_of = [
+            {id(p): g for g in run.optimizer.param_groups for p in g["params"]}  # type: ignore[union-attr]
+            for run in runs
+        ]
         for name in self.names:
             groups_k = []
             buffers_k = []
-            for run in runs:
+            for k, run in enumerate(runs):
                 assert run.optimizer is not None
-                parameter = dict(run.model.named_parameters())[name]
-                group = next(g for g in run.optimizer.param_groups if any(p is parameter for p in g["params"]))
-                groups_k.append(group)
+                parameter = named[k][name]
+                groups_k.append(group_of[k][id(parameter)])
                 state = run.optimizer.state.get(parameter, {})
                 buffer = state.get("momentum_buffer")
                 buffers_k.append(buffer.detach().clone() if buffer is not None else torch.zeros_like(parameter))
