@@ -7,10 +7,11 @@ the fused bf16 step. Each variant is independent: one that fails prints its erro
     python benchmarks/profile_step.py --device cpu --runs 4 --backbone small_cnn --size 28 --channels 1
 """
 
-# ruff: noqa: B023  (the step closures are timed inside the iteration that defines them)
+# ruff: noqa: B023, E501  (the step closures are timed inside the iteration that defines them)
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 import types
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ibcore
-from ibcore.engine.fused import _Group
+from ibcore.engine.fused import _CapturedStep, _Group
 
 
 def build_models(k: int, backbone: str, channels_last: bool, device: torch.device) -> list[torch.nn.Module]:
@@ -33,6 +34,29 @@ def build_models(k: int, backbone: str, channels_last: bool, device: torch.devic
 
 def sgd(model: torch.nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+
+
+def make_group(k: int, backbone: str, channels_last: bool, device: torch.device, stacked_norm: bool) -> _Group:
+    runs = [
+        types.SimpleNamespace(model=m, optimizer=sgd(m), name=str(i), loss=None, mixer=None, specs=None)
+        for i, m in enumerate(build_models(k, backbone, channels_last, device))
+    ]
+    group = _Group(runs)  # type: ignore[arg-type]
+    if not stacked_norm:  # vmap's own BatchNorm rule, for comparison
+        group.skeleton = copy.deepcopy(runs[0].model).to("meta").train()
+    group.load_lrs()
+    return group
+
+
+def capture(step: Callable[[], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> _CapturedStep:
+    """Warm the step up on a side stream, then capture it as the engine does (static x and y)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    return _CapturedStep(lambda _x, _y: step(), x, y)
 
 
 def timed(name: str, step: Callable[[], None], device: torch.device, steps: int, images: int) -> float | None:
@@ -62,6 +86,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--all-formats", action="store_true", help="also contiguous bf16 and fp32 variants")
+    parser.add_argument("--no-profile", action="store_true", help="skip the kernel table")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -72,9 +98,10 @@ def main() -> None:
     x = torch.randn(batch, args.channels, args.size, args.size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
-    for bf16, channels_last in ((True, True), (True, False), (False, False)):
+    formats = ((True, True), (True, False), (False, False)) if args.all_formats else ((True, True),)
+    for bf16, channels_last in formats:
         tag = f"{'bf16' if bf16 else 'fp32'}{', channels_last' if channels_last else ''}"
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)  # noqa: E731
         xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
         (model,) = build_models(1, args.backbone, channels_last, device)
@@ -89,59 +116,59 @@ def main() -> None:
 
         timed(f"1 run, eager, {tag}", one_step, device, args.steps, batch)
 
-        runs = [
-            types.SimpleNamespace(model=m, optimizer=sgd(m), name=str(i))
-            for i, m in enumerate(build_models(k, args.backbone, channels_last, device))
-        ]
-        group = _Group(runs)  # type: ignore[arg-type]
+        for stacked_norm in (False, True):
+            group = make_group(k, args.backbone, channels_last, device, stacked_norm)
 
-        def fused_step() -> None:
-            with autocast():
-                logits = group.forward(xin, shared=True).float()
-            sum(F.cross_entropy(logits[i], y) for i in range(k)).backward()
-            group.sgd_step()
+            def fused_step() -> torch.Tensor:
+                with autocast():
+                    logits = group.forward(xin, shared=True).float()
+                losses = torch.stack([F.cross_entropy(logits[i], y) for i in range(k)])
+                losses.sum().backward()
+                group.sgd_step()
+                return losses.detach()
 
-        timed(f"{k} runs fused (vmap), eager, {tag}", fused_step, device, args.steps, batch * k)
+            norm = "stacked BatchNorm" if stacked_norm else "vmap's BatchNorm"
+            timed(f"{k} runs fused, eager, {norm}, {tag}", fused_step, device, args.steps, batch * k)
+            if cuda:
+                try:
+                    captured = capture(fused_step, xin, y)
+                    timed(
+                        f"{k} runs fused, CUDA graph, {norm}, {tag}",
+                        captured.graph.replay,
+                        device,
+                        args.steps,
+                        batch * k,
+                    )
+                except Exception as exc:
+                    print(f"{k} runs fused, CUDA graph, {norm}, {tag}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
 
         if cuda:
-            # The whole step of one run captured in a CUDA graph: what launch overhead costs.
+            # The whole step of one plain model captured in a CUDA graph: what launch overhead costs.
             (graph_model,) = build_models(1, args.backbone, channels_last, device)
             graph_optimizer = sgd(graph_model)
-            static_x, static_y = xin.clone(), y.clone()
-            try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        graph_optimizer.zero_grad(set_to_none=True)
-                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-                            warm = F.cross_entropy(graph_model(static_x).float(), static_y)
-                        warm.backward()
-                        graph_optimizer.step()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
+
+            def plain_step() -> torch.Tensor:
                 graph_optimizer.zero_grad(set_to_none=True)
-                with torch.cuda.graph(graph):
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-                        static_loss = F.cross_entropy(graph_model(static_x).float(), static_y)
-                    static_loss.backward()
-                    graph_optimizer.step()
-                timed(f"1 run, CUDA graph, {tag}", graph.replay, device, args.steps, batch)
+                with autocast():
+                    loss = F.cross_entropy(graph_model(xin).float(), y)
+                loss.backward()
+                graph_optimizer.step()
+                return loss.detach()
+
+            try:
+                captured = capture(plain_step, xin, y)
+                timed(f"1 run, CUDA graph, {tag}", captured.graph.replay, device, args.steps, batch)
             except Exception as exc:
                 print(f"1 run, CUDA graph, {tag}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
 
-    if cuda:
+    if cuda and not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        runs = [
-            types.SimpleNamespace(model=m, optimizer=sgd(m), name=str(i))
-            for i, m in enumerate(build_models(k, args.backbone, True, device))
-        ]
-        group = _Group(runs)  # type: ignore[arg-type]
+        group = make_group(k, args.backbone, True, device, stacked_norm=True)
         xin = x.contiguous(memory_format=torch.channels_last)
 
         def profiled_step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 logits = group.forward(xin, shared=True).float()
             sum(F.cross_entropy(logits[i], y) for i in range(k)).backward()
             group.sgd_step()

@@ -207,6 +207,7 @@ def engine(
     batch: int,
     device: torch.device,
     precision: str,
+    cuda_graphs: str = "auto",
 ) -> float:
     """Seconds per epoch (after one warm-up epoch) of the engine training K runs together."""
     losses = [
@@ -228,6 +229,7 @@ def engine(
             "eval_every": 10_000,
             "checkpoint_every": 10_000,
             "fused": fused,
+            "cuda_graphs": cuda_graphs,
             "data_on_device": "on",
         },
         "defaults": {
@@ -273,14 +275,26 @@ def main() -> None:
     for k in ks:
         plain = plain_loop(k, shape, args.data, backbone, epochs, batch, device, workers)
         sequential = engine(k, "off", shape, args.data, backbone, epochs, batch, device, precision)
-        fused = engine(k, "on", shape, args.data, backbone, epochs, batch, device, precision) if k > 1 else sequential
+        # On CUDA even one run goes through the fused machinery: its step is replayed from a CUDA graph.
+        fused = (
+            engine(k, "on", shape, args.data, backbone, epochs, batch, device, precision)
+            if k > 1 or cuda
+            else sequential
+        )
+        timings = [("plain", plain), ("sequential", sequential), ("fused", fused)]
+        if cuda and k > 1:  # what the graphs add: the same fused runs, kernel by kernel
+            timings.append(
+                ("fused_eager", engine(k, "on", shape, args.data, backbone, epochs, batch, device, precision, "off"))
+            )
         # Each of the K runs trains `images` images per epoch; t seconds per epoch for all K together.
         row: dict[str, float] = {"K": k, "images_per_epoch": images}
-        for label, seconds in (("plain", plain), ("sequential", sequential), ("fused", fused)):
+        for label, seconds in timings:
             row[f"{label}_img_s_per_run"] = images / seconds
             row[f"{label}_total_img_runs_s"] = images * k / seconds
         row["sequential_vs_plain"] = plain / sequential
         row["fused_vs_plain"] = plain / fused
+        if "fused_eager_total_img_runs_s" in row:
+            row["fused_without_graphs_vs_plain"] = row["fused_eager_total_img_runs_s"] / row["plain_total_img_runs_s"]
         if cuda:
             peak = next(
                 (v for key, v in DENSE_BF16_PEAK.items() if all(word in name for word in key.split())),
@@ -293,6 +307,11 @@ def main() -> None:
             f"{row['sequential_img_s_per_run']:7.0f}, engine fused {row['fused_img_s_per_run']:7.0f} | "
             f"total (images x runs/s) vs plain: sequential {row['sequential_vs_plain']:.2f}x, "
             f"fused {row['fused_vs_plain']:.2f}x"
+            + (
+                f" (without CUDA graphs {row['fused_without_graphs_vs_plain']:.2f}x)"
+                if "fused_without_graphs_vs_plain" in row
+                else ""
+            )
             + (f" | fused at {100 * row['fused_fraction_of_bf16_peak']:.2f}% of dense bf16 peak" if cuda else ""),
             flush=True,
         )

@@ -363,3 +363,52 @@ def test_the_written_config_keeps_a_mixer_that_a_stage_does_not_mention(tmp_path
     for epoch in range(3):
         assert effective_specs(reloaded.runs[0], epoch) == effective_specs(experiment.runs[0], epoch)
     assert effective_specs(reloaded.runs[0], 2).mixer is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_replay_trains_like_kernel_by_kernel_steps(tmp_path: Path, precision: str) -> None:
+    """Fused groups and a lone run are captured once per epoch and replayed; the weights match eager steps."""
+    config = tiny_config(epochs=2, device="cuda", fused="on", precision=precision)
+    config["runs"].append({"name": "lone", "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}}})
+    graphed = make_trainer({**config, "trainer": {**config["trainer"], "cuda_graphs": "auto"}}, tmp_path, "graphed")
+    eager = make_trainer({**config, "trainer": {**config["trainer"], "cuda_graphs": "off"}}, tmp_path, "eager")
+    graphed.fit()
+    eager.fit()
+    log = (graphed.run_dir / "train.log").read_text()
+    assert "2 runs stacked (ce, focal)" in log and "CUDA graphs:" in log
+    assert "cannot be captured" not in log and "one after another" not in log, log
+    assert graphed.fused is not None and graphed.fused.graph_replays > 10
+    assert eager.fused is not None and eager.fused.graph_replays == 0
+
+    def train_losses(trainer: Trainer) -> dict[tuple[str, int], float]:
+        lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {(m["run"], m["epoch"]): m["train_loss"] for m in lines if m.get("split") == "train"}
+
+    graphed_losses, eager_losses = train_losses(graphed), train_losses(eager)
+    assert graphed_losses.keys() == eager_losses.keys()
+    for key, value in graphed_losses.items():  # bf16 rounds coarsely: the same training, not the same bits
+        assert value == pytest.approx(eager_losses[key], rel=0.05), key
+    if precision == "fp32":  # cuDNN may pick other algorithms in the two trainers: close, not equal
+        for run in ("ce", "focal", "lone"):
+            a, b = state_of(graphed, run), state_of(eager, run)
+            for key in a:
+                if a[key].is_floating_point():
+                    torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=1e-3, msg=f"{run}: {key}")
+
+
+def test_a_fused_group_is_reused_across_epochs_until_a_stage_changes_a_run(tmp_path: Path, float64: None) -> None:
+    """Reuse keeps a captured CUDA graph valid; a stage (here DRW-style re-weighting) must rebuild the group."""
+    config = tiny_config(epochs=3, channels_last=False)
+    plain = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "plain")
+    plain.fit()
+    assert plain.fused is not None and plain.fused.groups_built == 1
+
+    config["runs"][1]["stages"] = [{"from_epoch": 2, "loss": {"name": "focal", "params": {"gamma": 2.0}}}]
+    fused = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "staged")
+    sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
+    fused.fit()
+    sequential.fit()
+    assert fused.fused is not None and fused.fused.groups_built == 2
+    for run in ("ce", "focal"):
+        assert_same_state(state_of(fused, run), state_of(sequential, run), atol=1e-9)

@@ -112,6 +112,11 @@ class TrainerConfig(_Strict):
     data_on_device: Literal["auto", "on", "off"] = Field(
         "auto", description="Keep small data sets on the device and augment there (no DataLoader)."
     )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="On CUDA, capture the training step of fused groups (and of lone runs without a mixer) in a "
+        "CUDA graph and replay it for every full batch.",
+    )
     compile: bool = Field(False, description="torch.compile the training step (CUDA).")
     channels_last: bool = Field(True, description="channels_last memory format for images and convolutions.")
     distributed: DistributedConfig = Field(

@@ -22,6 +22,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from ibcore.engine.runs import RunState, spec_key
+from ibcore.engine.stacked_norm import stack_batchnorm
 
 if TYPE_CHECKING:
     from ibcore.engine.trainer import Trainer
@@ -48,6 +49,7 @@ class _Group:
 
     def __init__(self, runs: list[RunState], compile: bool = False) -> None:
         self.runs = runs
+        self.depends_on = _depends_on(runs)
         self.verified = False  # set once a stacked step has succeeded
         models = [run.model for run in runs]
         params, buffers = stack_module_state(models)  # type: ignore[arg-type]
@@ -55,6 +57,7 @@ class _Group:
         self.buffers = {name: b.detach().clone() for name, b in buffers.items()}
         # A skeleton module on the meta device: functional_call only needs its structure.
         self.skeleton = copy.deepcopy(models[0]).to("meta").train()  # fused runs never freeze BatchNorm
+        stack_batchnorm(self.skeleton)  # one BatchNorm call over K·C channels instead of vmap's decomposition
         self.names = list(self.params)
         self.groups = []  # per parameter name: the torch param group of each run
         self.momentum_buffers = {}
@@ -91,6 +94,12 @@ class _Group:
             flags = [bool(g["nesterov"]) for g in gs]
             mask = shape(torch.tensor(flags, device=device), self.params[n].dim())
             self.nesterov_mask[n] = mask if any(flags) else None
+        # Learning rates (parameter, run) live in a device tensor that each step refills without a host sync,
+        # so a CUDA graph of the step reads the current values.
+        self.lrs = torch.zeros(len(self.names), len(runs), device=device)
+        self.graph: _CapturedStep | None = None
+        self.graph_blocked = False  # capture failed once: this group steps eagerly
+        self.warm = False  # one eager step on a side stream has run (required before a capture)
         self._call = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
         self._call_each = vmap(self._forward, in_dims=(0, 0, 0), randomness="different")
         if compile:
@@ -104,18 +113,20 @@ class _Group:
         """Logits (K, N, C): ``x`` is one batch for all runs (``shared``) or (K, N, ...) per run."""
         return (self._call if shared else self._call_each)(self.params, self.buffers, x)
 
+    def load_lrs(self) -> None:
+        """Copy the runs' current learning rates into ``self.lrs`` (from pinned memory, without waiting)."""
+        cuda = self.lrs.device.type == "cuda"
+        host = torch.tensor([[g["lr"] for g in gs] for gs in self.groups], pin_memory=cuda)
+        self.lrs.copy_(host, non_blocking=cuda)
+
     @torch.no_grad()
     def sgd_step(self) -> None:
-        """torch.optim.SGD's update (dampening 0), with each run's lr, weight decay and momentum."""
-        device = self.params[self.names[0]].device
-        # Learning rates change every step: copy them from pinned memory without waiting (no host sync).
-        host = torch.tensor([[g["lr"] for g in gs] for gs in self.groups], pin_memory=device.type == "cuda")
-        lrs = host.to(device, non_blocking=True)
+        """torch.optim.SGD's update (dampening 0), with each run's lr (``self.lrs``), weight decay and momentum."""
         for j, name in enumerate(self.names):
             p = self.params[name]
             if p.grad is None:
                 continue
-            lr = lrs[j].view(-1, *([1] * (p.dim() - 1)))
+            lr = self.lrs[j].view(-1, *([1] * (p.dim() - 1)))
             d_p = p.grad + self.weight_decay[name] * p
             buf = self.momentum_buffers[name]
             buf.mul_(self.momentum[name]).add_(d_p)
@@ -126,6 +137,23 @@ class _Group:
                 update = buf
             p.sub_(lr * update)
             p.grad = None
+
+    @torch.no_grad()
+    def reload(self) -> None:
+        """Copy each run's model and momentum into the stacked tensors, in place (a captured graph reads them)."""
+        for k, run in enumerate(self.runs):
+            assert run.optimizer is not None
+            parameters = dict(run.model.named_parameters())
+            for name in self.names:
+                self.params[name][k].copy_(parameters[name])
+                buffer = run.optimizer.state.get(parameters[name], {}).get("momentum_buffer")
+                if buffer is None:
+                    self.momentum_buffers[name][k].zero_()
+                else:
+                    self.momentum_buffers[name][k].copy_(buffer)
+            buffers = dict(run.model.named_buffers())
+            for name, value in self.buffers.items():
+                value[k].copy_(buffers[name])
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -148,9 +176,16 @@ class FusedTrainer:
     def __init__(self, trainer: Trainer, forced: bool) -> None:
         self.trainer = trainer
         self.forced = forced
+        settings = trainer.experiment.trainer
+        # torch.compile has its own graphs (mode="reduce-overhead"); the two are not combined.
+        self.graphs = settings.cuda_graphs == "auto" and trainer.device.type == "cuda" and not settings.compile
         self.groups: list[_Group] = []
+        self.kept: list[_Group] = []  # last epoch's groups, reused when their runs are unchanged
         self.history: list[list[str]] = []  # every distinct group of run names fused so far
         self.unfusable: set[str] = set()  # backbone specs whose stacked step failed on this device
+        self.ungraphable: set[str] = set()  # runs whose step could not be captured in a CUDA graph
+        self.graph_replays = 0  # steps replayed from a CUDA graph (what the log and tests check)
+        self.groups_built = 0  # stacked groups built (a group is reused while its runs do not change)
         self._logged: set[str] = set()
 
     @classmethod
@@ -178,8 +213,12 @@ class FusedTrainer:
             self._logged.add(message)
             self.trainer.display.log(message)
 
-    def sync_from_runs(self, runs: list[RunState]) -> None:
-        """Stack the runs that can share a step this epoch: same backbone spec and same sampler."""
+    def sync_from_runs(self, runs: list[RunState], epoch: int) -> None:
+        """Stack the runs that can share a step this epoch: same backbone spec and same sampler.
+
+        With CUDA graphs, a run that has no partner still gets a group of its own (K = 1) when it mixes
+        nothing this epoch: its whole step is then replayed from a graph instead of launched kernel by kernel.
+        """
         self.groups = []
         candidates: dict[tuple[str, str], list[RunState]] = defaultdict(list)
         for run in runs:
@@ -192,24 +231,48 @@ class FusedTrainer:
                 continue
             candidates[(spec_key(run.config.backbone), spec_key(run.specs.sampler))].append(run)
         for members in candidates.values():
-            if len(members) < 2:
-                continue
-            self.groups.append(_Group(members, compile=self.trainer.experiment.trainer.compile))
+            if len(members) == 1:
+                run = members[0]
+                mixing = run.mixer is not None and run.mixer.active(epoch)
+                if not self.graphs or mixing or run.name in self.ungraphable:
+                    continue
+            self.groups.append(self._group_of(members))
             names = [run.name for run in members]
-            if names not in self.history:
+            if len(names) > 1 and names not in self.history:
                 self.history.append(names)
-        if self.groups:
+        stacked = [g for g in self.groups if len(g.runs) > 1]
+        if stacked:
             self._log_once(
                 "fused path: "
-                + "; ".join(f"{len(g.runs)} runs stacked ({', '.join(r.name for r in g.runs)})" for g in self.groups)
+                + "; ".join(f"{len(g.runs)} runs stacked ({', '.join(r.name for r in g.runs)})" for g in stacked)
             )
         elif self.forced:
             self._log_once("fused path: trainer.fused is 'on' but no two runs share an architecture and a sampler")
+        if self.graphs and self.groups:
+            self._log_once(
+                "CUDA graphs: each group's training step is captured once per epoch and replayed for its full "
+                "batches (runs: " + ", ".join(r.name for g in self.groups for r in g.runs) + ")"
+            )
+
+    def _group_of(self, members: list[RunState]) -> _Group:
+        """Last epoch's group of these runs if nothing it depends on changed (it keeps its CUDA graph), else
+        a new one."""
+        now = _depends_on(members)
+        for group in self.kept:
+            # The group holds the objects themselves, so none can have been freed and its id reused.
+            same = len(group.depends_on) == len(now) and all(
+                a is b for old, new in zip(group.depends_on, now, strict=True) for a, b in zip(old, new, strict=True)
+            )
+            if same:
+                group.reload()
+                return group
+        self.groups_built += 1
+        return _Group(members, compile=self.trainer.experiment.trainer.compile)
 
     def sync_to_runs(self) -> None:
         for group in self.groups:
             group.write_back()
-        self.groups = []
+        self.kept, self.groups = self.groups, []
 
     def step(
         self,
@@ -259,7 +322,6 @@ class FusedTrainer:
         iters: int,
         generators: dict[str, torch.Generator],
     ) -> None:
-        trainer = self.trainer
         plans: list[Any] = []
         for run in group.runs:
             run.set_lr(epoch, step, iters)
@@ -271,28 +333,107 @@ class FusedTrainer:
             plan.permutation = plan.permutation.to(x.device)
             plan.target_weight = plan.target_weight.to(device=x.device, dtype=torch.float32)
             plans.append((mixer, plan))
-        shared = all(p is None for p in plans)
-        with torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
-            if shared:
-                logits = group.forward(x, shared=True)
-            else:
-                inputs = torch.stack([x if p is None else p[0].mix(x, p[1]) for p in plans])
-                logits = group.forward(inputs, shared=False)
-        if logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()
-        total = logits.new_zeros(())
+        group.load_lrs()
+        losses: Any
+        if any(p is not None for p in plans):
+            losses = self._mixed_step(group, x, y, plans)
+        elif self.graphs and not group.graph_blocked and (group.graph is None or group.graph.fits(x, y)):
+            losses = self._graph_step(group, x, y)
+        else:
+            losses = self._shared_step(group, x, y)
+        for k, run in enumerate(group.runs):
+            run.record_loss(losses[k], step)
+
+    def _autocast(self) -> Any:
+        # No weight-cast cache: the step must be capturable in a CUDA graph, and vmap re-reads the weights.
+        device = self.trainer.device.type
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.trainer.bf16, cache_enabled=False)
+
+    def _shared_step(self, group: _Group, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, each run's loss, backward and SGD update with one batch for all runs; the (K,) losses."""
+        with self._autocast():
+            logits = _full_precision(group.forward(x, shared=True))
+        losses = torch.stack([run.loss(logits[k], y) for k, run in enumerate(group.runs)])
+        losses.sum().backward()
+        group.sgd_step()
+        return losses.detach()
+
+    def _mixed_step(self, group: _Group, x: torch.Tensor, y: torch.Tensor, plans: list[Any]) -> list[torch.Tensor]:
+        """As :meth:`_shared_step`, with each mixing run's own mixed inputs and two-target loss."""
+        with self._autocast():
+            inputs = torch.stack([x if p is None else p[0].mix(x, p[1]) for p in plans])
+            logits = _full_precision(group.forward(inputs, shared=False))
         losses = []
         for k, run in enumerate(group.runs):
             if plans[k] is None:
-                loss = run.loss(logits[k], y)
+                losses.append(run.loss(logits[k], y))
             else:
                 plan = plans[k][1]
-                loss = run.loss(logits[k], y, plan.target_weight) + run.loss(
-                    logits[k], y[plan.permutation], 1.0 - plan.target_weight
+                losses.append(
+                    run.loss(logits[k], y, plan.target_weight)
+                    + run.loss(logits[k], y[plan.permutation], 1.0 - plan.target_weight)
                 )
-            losses.append(loss)
-            total = total + loss
-        total.backward()
+        torch.stack(losses).sum().backward()
         group.sgd_step()
-        for run, loss in zip(group.runs, losses, strict=True):
-            run.record_loss(loss, step)
+        return [loss.detach() for loss in losses]
+
+    def _graph_step(self, group: _Group, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The shared step replayed from a CUDA graph: one warm-up step, then a capture, then replays."""
+        if group.graph is None and not group.warm:
+            # Capture needs the step to have run once on a side stream (cuDNN autotuning, lazy initialisation).
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                losses = self._shared_step(group, x, y)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            group.warm = True
+            return losses
+        if group.graph is None:
+            try:
+                group.graph = _CapturedStep(lambda gx, gy: self._shared_step(group, gx, gy), x, y)
+            except RuntimeError as exc:  # e.g. a loss that reads a value back to the host
+                group.graph_blocked = True
+                for parameter in group.params.values():
+                    parameter.grad = None  # capture does not run kernels: nothing else has changed
+                if len(group.runs) == 1:
+                    self.ungraphable.add(group.runs[0].name)
+                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                self._log_once(
+                    f"CUDA graphs: the step of {', '.join(r.name for r in group.runs)} cannot be captured; "
+                    f"it runs kernel by kernel ({type(exc).__name__}: {reason})"
+                )
+                return self._shared_step(group, x, y)
+        self.graph_replays += 1
+        return group.graph.replay(x, y)
+
+
+def _depends_on(runs: list[RunState]) -> list[tuple[Any, ...]]:
+    """What a stacked step depends on: each run, its model, optimizer, loss, mixer and stage objects. A stage
+    that changes any of them builds new objects."""
+    return [(r, r.model, r.optimizer, r.loss, r.mixer, r.specs) for r in runs]
+
+
+class _CapturedStep:
+    """A training step captured in a CUDA graph, with the static input batch it reads."""
+
+    def __init__(self, step: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x = x.clone(memory_format=torch.preserve_format)
+        self.y = y.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader pin-memory thread may call CUDA meanwhile; only this thread is captured.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.losses: torch.Tensor = step(self.x, self.y)
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether a batch can go through the graph (same shape and layout: not a last, smaller batch)."""
+        return x.shape == self.x.shape and x.stride() == self.x.stride() and y.shape == self.y.shape
+
+    def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.losses
+
+
+def _full_precision(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits

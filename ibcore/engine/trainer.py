@@ -158,6 +158,9 @@ class Trainer:
 
         self.runs = [RunState(run, self.context, self.seed, self.device) for run in experiment.runs]
         self._preflight()
+        if self.device.type == "cuda":
+            # Batch shapes are fixed, so cuDNN's autotuned convolution algorithms pay off (as in LDAM-DRW's code).
+            torch.backends.cudnn.benchmark = True
         if experiment.trainer.channels_last:
             # Faster convolutions on GPUs (tensor cores) and CPUs (oneDNN): 1.4-1.7x for small_cnn on 2 cores.
             for run in self.runs:
@@ -408,7 +411,7 @@ class Trainer:
             if self.dist.splits_batches:
                 self._prepare_ddp(changed)
             if self.fused:
-                self.fused.sync_from_runs(self.own_active_runs())
+                self.fused.sync_from_runs(self.own_active_runs(), epoch)
             self.train_epoch(epoch)
             if self.fused:
                 self.fused.sync_to_runs()
