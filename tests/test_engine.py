@@ -13,8 +13,10 @@ import torch
 
 import ibcore
 import ibcore.cli
+import ibcore.engine.fused as fused_module
 from ibcore.config import load_experiment
 from ibcore.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
+from ibcore.engine.fused import _CapturedStep
 from ibcore.engine.trainer import Trainer
 from ibcore.errors import CheckpointError, TrainingError
 
@@ -366,11 +368,14 @@ def test_the_written_config_keeps_a_mixer_that_a_stage_does_not_mention(tmp_path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_graph_replay_trains_like_kernel_by_kernel_steps(tmp_path: Path, precision: str) -> None:
-    """Fused groups and a lone run are captured once per epoch and replayed; the weights match eager steps."""
-    config = tiny_config(epochs=2, device="cuda", fused="on", precision=precision)
-    config["runs"].append({"name": "lone", "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}}})
+@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_cuda_graph_replay_trains_like_kernel_by_kernel_steps(
+    tmp_path: Path, precision: str, channels_last: bool
+) -> None:
+    """Real CUDA graphs: the fused group and the lone run are captured, replayed with a learning rate that
+    changes every step, re-captured after a stage; the training matches kernel-by-kernel steps."""
+    config = graph_path_config()
+    config["trainer"].update(device="cuda", fused="on", precision=precision, channels_last=channels_last)
     graphed = make_trainer({**config, "trainer": {**config["trainer"], "cuda_graphs": "auto"}}, tmp_path, "graphed")
     eager = make_trainer({**config, "trainer": {**config["trainer"], "cuda_graphs": "off"}}, tmp_path, "eager")
     graphed.fit()
@@ -378,7 +383,8 @@ def test_cuda_graph_replay_trains_like_kernel_by_kernel_steps(tmp_path: Path, pr
     log = (graphed.run_dir / "train.log").read_text()
     assert "2 runs stacked (ce, focal)" in log and "CUDA graphs:" in log
     assert "cannot be captured" not in log and "one after another" not in log, log
-    assert graphed.fused is not None and graphed.fused.graph_replays > 10
+    assert "CUDA graphs: the training step of ce, focal, lone is captured" in log
+    assert graphed.fused is not None and graphed.fused.graph_replays > 3 * 5 and graphed.fused.groups_built == 3
     assert eager.fused is not None and eager.fused.graph_replays == 0
 
     def train_losses(trainer: Trainer) -> dict[tuple[str, int], float]:
@@ -390,7 +396,7 @@ def test_cuda_graph_replay_trains_like_kernel_by_kernel_steps(tmp_path: Path, pr
     for key, value in graphed_losses.items():  # bf16 rounds coarsely: the same training, not the same bits
         assert value == pytest.approx(eager_losses[key], rel=0.05), key
     if precision == "fp32":  # cuDNN may pick other algorithms in the two trainers: close, not equal
-        for run in ("ce", "focal", "lone"):
+        for run in ("ce", "focal", "lone", "mixup"):
             a, b = state_of(graphed, run), state_of(eager, run)
             for key in a:
                 if a[key].is_floating_point():
@@ -412,3 +418,74 @@ def test_a_fused_group_is_reused_across_epochs_until_a_stage_changes_a_run(tmp_p
     assert fused.fused is not None and fused.fused.groups_built == 2
     for run in ("ce", "focal"):
         assert_same_state(state_of(fused, run), state_of(sequential, run), atol=1e-9)
+
+
+class ReplayByRunning:
+    """Stands in for a CUDA graph on the CPU, with the same contract: capturing runs nothing; a replay copies
+    the batch into the static tensors and runs the captured step on them."""
+
+    captured = 0
+
+    def __init__(self, step: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+        type(self).captured += 1
+        self.step, self.x, self.y = step, x.clone(memory_format=torch.preserve_format), y.clone()
+
+    fits = _CapturedStep.fits
+
+    def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        return self.step(self.x, self.y)  # type: ignore[no-any-return]
+
+
+def graph_path_config() -> dict[str, Any]:
+    """Per-iteration warm-up (the learning rate changes every step), a stage at epoch 2 and a lone run."""
+    config = tiny_config(epochs=3, channels_last=False)
+    warmup = {**SGD["params"], "warmup_epochs": 2, "warmup_per_iteration": True}
+    config["runs"] = [
+        {"name": "ce", "optimizer": {"name": "sgd", "params": warmup}},
+        {
+            "name": "focal",
+            "loss": {"name": "focal", "params": {"gamma": 1.0}},
+            "stages": [{"from_epoch": 2, "loss": {"name": "focal", "params": {"gamma": 2.0}}}],
+        },
+        {"name": "lone", "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}}},
+        # mixes its inputs: with graphs it is kept out of the (ce, focal) group, which keeps its graph
+        {"name": "mixup", "mixer": {"name": "input_mixup", "params": {"alpha": 1.0}}},
+    ]
+    return config
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_the_graph_path_trains_like_the_sequential_reference(
+    tmp_path: Path, float64: None, monkeypatch: pytest.MonkeyPatch, capture_fails: bool
+) -> None:
+    """The CUDA-graph control flow on the CPU: warm-up step, capture, replays with fresh learning rates, the
+    last smaller batch kernel by kernel, re-capture after a stage; or, when capture fails, eager steps."""
+
+    class FailingCapture(ReplayByRunning):
+        def __init__(self, *args: Any) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fused_module, "_CapturedStep", FailingCapture if capture_fails else ReplayByRunning)
+    ReplayByRunning.captured = 0
+    config = graph_path_config()
+    graphed = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "graphed")
+    sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
+    assert graphed.fused is not None
+    graphed.fused.graphs = True  # what CUDA turns on
+    graphed.fit()
+    sequential.fit()
+    log = (graphed.run_dir / "train.log").read_text()
+    if capture_fails:
+        assert graphed.fused.graph_replays == 0
+        assert "CUDA graphs: the step of ce, focal cannot be captured; it runs kernel by kernel" in log
+    else:
+        # (ce, focal) and the lone run in epoch 0, kept through epoch 1; the stage at epoch 2 rebuilds (ce, focal)
+        assert ReplayByRunning.captured == 3 and graphed.fused.groups_built == 3
+        assert graphed.fused.graph_replays > 3 * 5
+        assert "cannot be captured" not in log
+    if not capture_fails:
+        assert "CUDA graphs: the training step of ce, focal, lone is captured" in log
+    for run in ("ce", "focal", "lone", "mixup"):
+        assert_same_state(state_of(graphed, run), state_of(sequential, run), atol=1e-9)

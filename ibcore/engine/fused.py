@@ -14,8 +14,10 @@ runs train sequentially and the log says why.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -220,7 +222,7 @@ class FusedTrainer:
         nothing this epoch: its whole step is then replayed from a graph instead of launched kernel by kernel.
         """
         self.groups = []
-        candidates: dict[tuple[str, str], list[RunState]] = defaultdict(list)
+        candidates: dict[tuple[str, str, bool], list[RunState]] = defaultdict(list)
         for run in runs:
             assert run.specs is not None
             blocker = fusion_blocker(run)
@@ -229,13 +231,13 @@ class FusedTrainer:
                 continue
             if spec_key(run.config.backbone) in self.unfusable:
                 continue
-            candidates[(spec_key(run.config.backbone), spec_key(run.specs.sampler))].append(run)
-        for members in candidates.values():
-            if len(members) == 1:
-                run = members[0]
-                mixing = run.mixer is not None and run.mixer.active(epoch)
-                if not self.graphs or mixing or run.name in self.ungraphable:
-                    continue
+            # A run that mixes its inputs needs its own forward pass, which a graph of the shared step has not
+            # captured: with graphs, mixing runs are stacked apart so the others keep their graph.
+            mixing = self.graphs and _mixes([run], epoch)
+            candidates[(spec_key(run.config.backbone), spec_key(run.specs.sampler), mixing)].append(run)
+        for (_, _, mixing), members in candidates.items():
+            if len(members) == 1 and (not self.graphs or mixing or members[0].name in self.ungraphable):
+                continue
             self.groups.append(self._group_of(members))
             names = [run.name for run in members]
             if len(names) > 1 and names not in self.history:
@@ -248,10 +250,11 @@ class FusedTrainer:
             )
         elif self.forced:
             self._log_once("fused path: trainer.fused is 'on' but no two runs share an architecture and a sampler")
-        if self.graphs and self.groups:
+        graphed = [r.name for g in self.groups if not _mixes(g.runs, epoch) for r in g.runs]
+        if self.graphs and graphed:
             self._log_once(
-                "CUDA graphs: each group's training step is captured once per epoch and replayed for its full "
-                "batches (runs: " + ", ".join(r.name for g in self.groups for r in g.runs) + ")"
+                "CUDA graphs: the training step of " + ", ".join(graphed) + " is captured in a graph and replayed "
+                "for every full batch (captured again when a stage changes a run)"
             )
 
     def _group_of(self, members: list[RunState]) -> _Group:
@@ -381,11 +384,8 @@ class FusedTrainer:
         """The shared step replayed from a CUDA graph: one warm-up step, then a capture, then replays."""
         if group.graph is None and not group.warm:
             # Capture needs the step to have run once on a side stream (cuDNN autotuning, lazy initialisation).
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
+            with _side_stream(x.device):
                 losses = self._shared_step(group, x, y)
-            torch.cuda.current_stream(x.device).wait_stream(side)
             group.warm = True
             return losses
         if group.graph is None:
@@ -405,6 +405,25 @@ class FusedTrainer:
                 return self._shared_step(group, x, y)
         self.graph_replays += 1
         return group.graph.replay(x, y)
+
+
+def _mixes(runs: list[RunState], epoch: int) -> bool:
+    """Whether any of ``runs`` mixes its inputs in ``epoch``."""
+    return any(run.mixer is not None and run.mixer.active(epoch) for run in runs)
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a fresh CUDA stream that starts after, and ends before, the current stream's work."""
+    if device.type != "cuda":
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
 
 
 def _depends_on(runs: list[RunState]) -> list[tuple[Any, ...]]:
