@@ -86,6 +86,9 @@ class Loss(Protocol):
 
     ``sample_weight`` (N,) multiplies each sample's term without changing the normaliser, so a
     mixed batch's loss is ``loss(z, y_a, w) + loss(z, y_b, 1 - w)``.
+
+    Optional: ``cuda_graph_safe = True`` declares the loss a pure function of its tensors, which lets
+    the engine replay it from a CUDA graph (docs/registering.md).
     """
 
     def __call__(self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None = None) -> Tensor: ...

@@ -256,6 +256,30 @@ def test_a_run_whose_loss_turns_nan_stops_and_the_others_finish(tmp_path: Path) 
     assert results.row("ce")["epoch"] == 3 and results.row("ce")["acc@1 (%)"] > 0
 
 
+def test_with_graphs_a_plugin_loss_that_does_not_opt_in_steps_kernel_by_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exploding loss counts its calls in Python: replayed from a graph it would never turn NaN."""
+    (tmp_path / "nan_plugin_graphs.py").write_text(NAN_PLUGIN)  # own name: modules are cached
+    monkeypatch.setattr(fused_module, "_CapturedStep", ReplayByRunning)
+    config = tiny_config(epochs=2, fused="on")
+    config["plugins"] = ["nan_plugin_graphs"]
+    config["runs"].append({"name": "exploding", "loss": {"name": "exploding_ce"}})
+    path = tmp_path / "exp.yaml"
+    path.write_text(json.dumps(config))
+    with ibcore.registry_snapshot():
+        (tmp_path / "run").mkdir()
+        trainer = Trainer(load_experiment(path), tmp_path / "run", quiet=True)
+        assert trainer.fused is not None
+        trainer.fused.graphs = True  # what CUDA turns on
+        results = trainer.fit()
+    log = (trainer.run_dir / "train.log").read_text()
+    assert "CUDA graphs: run 'exploding' steps kernel by kernel: its loss does not declare cuda_graph_safe" in log
+    assert "CUDA graphs: the training step of ce, focal is captured" in log and trainer.fused.graph_replays > 0
+    status = {row["run"]: row["status"] for row in results.rows}
+    assert status == {"ce": "ok", "focal": "ok", "exploding": "failed: non-finite loss at epoch 0, batch 3"}
+
+
 def test_results_files_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = ibcore.run(tiny_config(), out_dir=tmp_path, quiet=True)
     run_dir = results.run_dir

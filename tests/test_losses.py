@@ -371,6 +371,14 @@ def test_buffers_follow_the_module_and_the_logits() -> None:
     assert loss.state_dict() == {}  # derived from params + context: nothing to checkpoint
 
 
+@pytest.mark.parametrize(("name", "params"), ALL_LOSSES)
+def test_built_in_losses_may_be_replayed_from_a_cuda_graph(name: str, params: dict[str, Any]) -> None:
+    """They are pure functions of their tensors (the engine's CUDA graphs rely on it), except when asked to
+    check every target's value, which reads the targets back to the host."""
+    assert build(name, params).cuda_graph_safe is True
+    assert build(name, {**params, "check_targets": True}).cuda_graph_safe is False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("name", "params"), ALL_LOSSES)
 def test_losses_run_on_cuda(name: str, params: dict[str, Any]) -> None:

@@ -100,6 +100,12 @@ class ClassificationLoss(nn.Module):
         # Derived from params and context only: not persistent, so checkpoints do not carry it.
         self.register_buffer("class_weights", as_buffer(class_weights, device or torch.device("cpu")), persistent=False)
 
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """A pure function of its tensors, so a CUDA graph may replay it (docs/running.md), unless
+        ``check_targets=True`` reads the targets back to the host on every call."""
+        return self.check_targets is not True
+
     # ---- to override -------------------------------------------------------------------------
     def per_sample(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | int]:
         """Per-sample terms (N,) and the normaliser (a tensor, or the batch size as an int)."""

@@ -100,7 +100,8 @@ class _Group:
         # so a CUDA graph of the step reads the current values.
         self.lrs = torch.zeros(len(self.names), len(runs), device=device)
         self.graph: _CapturedStep | None = None
-        self.graph_blocked = False  # capture failed once: this group steps eagerly
+        self.capture_failed = False  # capture failed once: this group steps kernel by kernel
+        self.eager_only = False  # set each epoch: a run of the group cannot replay a graph (see sync_from_runs)
         self.warm = False  # one eager step on a side stream has run (required before a capture)
         self._call = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
         self._call_each = vmap(self._forward, in_dims=(0, 0, 0), randomness="different")
@@ -231,14 +232,16 @@ class FusedTrainer:
                 continue
             if spec_key(run.config.backbone) in self.unfusable:
                 continue
-            # A run that mixes its inputs needs its own forward pass, which a graph of the shared step has not
-            # captured: with graphs, mixing runs are stacked apart so the others keep their graph.
-            mixing = self.graphs and _mixes([run], epoch)
-            candidates[(spec_key(run.config.backbone), spec_key(run.specs.sampler), mixing)].append(run)
-        for (_, _, mixing), members in candidates.items():
-            if len(members) == 1 and (not self.graphs or mixing or members[0].name in self.ungraphable):
+            # With graphs, runs that cannot replay one (a mixer draws a new batch per run and step; a loss that
+            # does not declare itself a pure function of its tensors) are stacked apart: the others keep theirs.
+            eager_only = self.graphs and (_mixes([run], epoch) or not _graph_safe_loss(run))
+            candidates[(spec_key(run.config.backbone), spec_key(run.specs.sampler), eager_only)].append(run)
+        for (_, _, eager_only), members in candidates.items():
+            if len(members) == 1 and (not self.graphs or eager_only or members[0].name in self.ungraphable):
                 continue
-            self.groups.append(self._group_of(members))
+            group = self._group_of(members)
+            group.eager_only = eager_only
+            self.groups.append(group)
             names = [run.name for run in members]
             if len(names) > 1 and names not in self.history:
                 self.history.append(names)
@@ -250,7 +253,14 @@ class FusedTrainer:
             )
         elif self.forced:
             self._log_once("fused path: trainer.fused is 'on' but no two runs share an architecture and a sampler")
-        graphed = [r.name for g in self.groups if not _mixes(g.runs, epoch) for r in g.runs]
+        graphed = [r.name for g in self.groups if not g.eager_only for r in g.runs]
+        if self.graphs:
+            for run in runs:
+                if run.specs is not None and fusion_blocker(run) is None and not _graph_safe_loss(run):
+                    self._log_once(
+                        f"CUDA graphs: run {run.name!r} steps kernel by kernel: its loss does not declare "
+                        "cuda_graph_safe = True (a pure function of its tensors; see docs/registering.md)"
+                    )
         if self.graphs and graphed:
             self._log_once(
                 "CUDA graphs: the training step of " + ", ".join(graphed) + " is captured in a graph and replayed "
@@ -340,7 +350,11 @@ class FusedTrainer:
         losses: Any
         if any(p is not None for p in plans):
             losses = self._mixed_step(group, x, y, plans)
-        elif self.graphs and not group.graph_blocked and (group.graph is None or group.graph.fits(x, y)):
+        elif (
+            self.graphs
+            and not (group.eager_only or group.capture_failed)
+            and (group.graph is None or group.graph.fits(x, y))
+        ):
             losses = self._graph_step(group, x, y)
         else:
             losses = self._shared_step(group, x, y)
@@ -392,7 +406,7 @@ class FusedTrainer:
             try:
                 group.graph = _CapturedStep(lambda gx, gy: self._shared_step(group, gx, gy), x, y)
             except RuntimeError as exc:  # e.g. a loss that reads a value back to the host
-                group.graph_blocked = True
+                group.capture_failed = True
                 for parameter in group.params.values():
                     parameter.grad = None  # capture does not run kernels: nothing else has changed
                 if len(group.runs) == 1:
@@ -405,6 +419,16 @@ class FusedTrainer:
                 return self._shared_step(group, x, y)
         self.graph_replays += 1
         return group.graph.replay(x, y)
+
+
+def _graph_safe_loss(run: RunState) -> bool:
+    """Whether the run's loss says it may be replayed from a CUDA graph (``cuda_graph_safe = True``).
+
+    A graph replays the kernels the loss launched when it was captured: Python-side state that changes
+    between calls (a step counter, a schedule) would be frozen, and reading a value back to the host fails.
+    Only the loss can know, so it opts in; the built-in losses do.
+    """
+    return bool(getattr(run.loss, "cuda_graph_safe", False))
 
 
 def _mixes(runs: list[RunState], epoch: int) -> bool:
