@@ -519,3 +519,15 @@ def test_the_graph_path_trains_like_the_sequential_reference(
         assert "CUDA graphs: the training step of ce, focal, lone is captured" in log
     for run in ("ce", "focal", "lone", "mixup"):
         assert_same_state(state_of(graphed, run), state_of(sequential, run), atol=1e-9)
+
+
+def test_data_on_device_on_refuses_a_split_it_cannot_keep_there() -> None:
+    """'on' is a promise: a split read from files must not silently go through a DataLoader instead."""
+    from ibcore.engine.batches import LoaderData, make_data
+    from ibcore.errors import DataError
+
+    files_split = [(torch.zeros(3, 8, 8), 0)] * 4  # indexable, no tensors()/AugmentSpec: like image_list
+    where = "the training split of dataset 'image_list'"
+    with pytest.raises(DataError, match=r"data_on_device is 'on', but the training split of dataset 'image_list'"):
+        make_data(files_split, torch.device("cpu"), "on", 0, where)
+    assert isinstance(make_data(files_split, torch.device("cpu"), "auto", 0, where), LoaderData)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ibcore.errors import IbError
+from ibcore.errors import DataError, IbError
 from ibcore.protocols import AugmentSpec, is_tensor_split
 
 
@@ -162,8 +162,16 @@ def _without_worker_traceback(exc: IbError) -> IbError:
         return exc
 
 
-def make_data(split: Any, device: torch.device, mode: str, num_workers: int) -> DeviceData | LoaderData:
-    """Device-resident data when the split allows it and ``mode`` is not "off"."""
+def make_data(
+    split: Any, device: torch.device, mode: str, num_workers: int, where: str = "the data set"
+) -> DeviceData | LoaderData:
+    """Device-resident data when the split allows it and ``mode`` is not "off"; with "on", it must allow it."""
     if mode != "off" and is_tensor_split(split):
         return DeviceData(split, device)
+    if mode == "on":
+        raise DataError(
+            f"trainer.data_on_device is 'on', but {where} cannot be kept on the device: it offers no tensors() "
+            "with an AugmentSpec (data sets read from image files go through a DataLoader). Use 'auto' to fall "
+            "back to the DataLoader, or 'off'."
+        )
     return LoaderData(split, device, num_workers)

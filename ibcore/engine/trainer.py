@@ -147,10 +147,14 @@ class Trainer:
             raise DataError(f"dataset {dataset_spec.name!r}: classes {empty} have no training images")
         self.context = base.replace(num_classes=self.num_classes, class_counts=tuple(counts), targets=train.targets)
         mode = experiment.trainer.data_on_device
-        self.train_data = make_data(train, self.device, mode, experiment.data.num_workers)
-        self.test_data = make_data(self.dataset.test, self.device, mode, experiment.data.num_workers)
+        workers = experiment.data.num_workers
+        split_of = f"the {{}} split of dataset {dataset_spec.name!r}"
+        self.train_data = make_data(train, self.device, mode, workers, split_of.format("training"))
+        self.test_data = make_data(self.dataset.test, self.device, mode, workers, split_of.format("test"))
         val = getattr(self.dataset, "val", None)
-        self.val_data = make_data(val, self.device, mode, experiment.data.num_workers) if val is not None else None
+        self.val_data = None
+        if val is not None:
+            self.val_data = make_data(val, self.device, mode, workers, split_of.format("validation"))
         where = "on the device, augmented there" if isinstance(self.train_data, DeviceData) else "via a DataLoader"
         self.display.log(
             f"data: {len(self.train_data)} training images {where}; {self.num_classes} classes; class counts {counts}"
