@@ -115,3 +115,13 @@ def test_the_function_outside_vmap_is_batch_norm_with_its_gradient() -> None:
     assert torch.autograd.gradcheck(
         lambda a, w, b: _StackedBatchNorm.apply(a, w, b, None, None, 0.1, 1e-5), (x, weight, bias)
     )
+
+
+def test_a_skeleton_in_eval_mode_uses_the_running_statistics() -> None:
+    layer = nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        layer.running_mean.fill_(1.0)
+    stack_batchnorm(layer)
+    layer.eval()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), (x - 1.0) / torch.sqrt(torch.tensor(1.0 + layer.eps, dtype=torch.float64)))

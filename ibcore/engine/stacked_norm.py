@@ -95,6 +95,8 @@ class _StackedBatchNorm(torch.autograd.Function):
 
 def _stacked_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     """``nn.BatchNorm*.forward`` in training mode with a fixed momentum, through :class:`_StackedBatchNorm`."""
+    if not self.training:  # running statistics only: the class's own forward (a fused skeleton always trains)
+        return type(self).forward(self, x)  # type: ignore[no-any-return]
     self._check_input_dim(x)  # type: ignore[attr-defined]
     if self.num_batches_tracked is not None:
         self.num_batches_tracked.add_(1)
