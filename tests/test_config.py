@@ -236,8 +236,24 @@ def test_stages_must_change_something_and_be_in_order(write: Callable[..., Path]
     )
     assert issues_of(path) == [
         ("runs[1].stages[1].from_epoch", "stages must be in increasing from_epoch order"),
-        ("runs[1].stages[2]", "the stage changes nothing; set loss, sampler, mixer, optimizer or retrain_classifier"),
+        (
+            "runs[1].stages[2]",
+            "the stage changes nothing; set loss, sampler, mixer, optimizer, retrain_classifier or scale_classifier",
+        ),
     ]
+
+
+def test_a_run_retrains_its_classifier_one_way(write: Callable[..., Path]) -> None:
+    both = "a run re-trains its classifier one way: retrain_classifier (cRT, a new classifier) or"
+    stages = "    stages:\n"
+    path = write(SMALL_CONFIG + stages + "      - {from_epoch: 5, retrain_classifier: true, scale_classifier: true}\n")
+    [(where, message)] = issues_of(path)
+    assert where == "runs[1].stages[0].scale_classifier" and message.startswith(both)
+    lws = "      - {from_epoch: 3, scale_classifier: true}\n"
+    crt = "      - {from_epoch: 5, retrain_classifier: true}\n"
+    path = write(SMALL_CONFIG + stages + lws + crt)
+    [(where, message)] = issues_of(path)
+    assert where == "runs[1].stages[1].retrain_classifier" and message.startswith(both)
 
 
 # --------------------------------------------------------------------------------------------

@@ -531,3 +531,60 @@ def test_data_on_device_on_refuses_a_split_it_cannot_keep_there() -> None:
     with pytest.raises(DataError, match=r"data_on_device is 'on', but the training split of dataset 'image_list'"):
         make_data(files_split, torch.device("cpu"), "on", 0, where)
     assert isinstance(make_data(files_split, torch.device("cpu"), "auto", 0, where), LoaderData)
+
+
+def lws_config(epochs: int = 3, from_epoch: int = 2) -> dict[str, Any]:
+    config = tiny_config(epochs=epochs)
+    config["runs"] = [
+        {"name": "ce"},
+        {
+            "name": "lws",
+            "stages": [
+                {
+                    "from_epoch": from_epoch,
+                    "scale_classifier": True,
+                    "sampler": {"name": "class_balanced"},
+                    "optimizer": {"name": "sgd", "params": {"lr": 0.5, "momentum": 0.9}},
+                }
+            ],
+        },
+    ]
+    return config
+
+
+def test_lws_learns_only_a_scale_per_class_on_the_frozen_model(tmp_path: Path) -> None:
+    """Kang et al. 2020 (LWS): backbone, BatchNorm statistics and classifier stay as trained; one scale per
+    class, starting at 1, multiplies the logits."""
+    trainer = make_trainer({**lws_config(), "trainer": {**lws_config()["trainer"], "fused": "on"}}, tmp_path)
+    trainer.fit()
+    log = (trainer.run_dir / "train.log").read_text()
+    assert "run 'lws' trains on its own (classifier re-training (cRT or LWS) freezes part of the model)" in log
+    after_two = load_checkpoint(trainer.run_dir / "checkpoints" / "epoch-0002.pt")["runs"]["lws"]["model"]
+    final = state_of(trainer, "lws")
+    assert set(final) - set(after_two) == {"classifier.class_scale"}
+    for key, value in after_two.items():  # nothing else moved
+        assert torch.equal(final[key], value), f"{key} changed during LWS"
+    scale = final["classifier.class_scale"]
+    assert scale.shape == (10,) and not torch.allclose(scale, torch.ones(10))
+
+    run = next(r for r in trainer.runs if r.name == "lws")
+    model = run.model.eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        features = model.features(x)
+        plain = torch.nn.functional.linear(features, model.classifier.weight, model.classifier.bias)
+        torch.testing.assert_close(model(x), plain * scale)
+
+
+def test_resuming_during_lws_reaches_the_same_numbers(tmp_path: Path) -> None:
+    config = lws_config(epochs=3, from_epoch=1)
+    full = ibcore.run(config, out_dir=tmp_path / "full", quiet=True)
+    partial = make_trainer(config, tmp_path, "partial")
+    partial.epochs = 2  # stopped after the checkpoint of epoch 2, inside the LWS stage
+    partial.fit()
+    resumed = Trainer(load_experiment(config), partial.run_dir, quiet=True)
+    resumed.restore(load_latest(partial.run_dir / "checkpoints"))
+    results = resumed.fit()
+    reference = load_checkpoint(full.run_dir / "checkpoints" / "epoch-0003.pt")["runs"]["lws"]["model"]
+    assert_same_state(state_of(resumed, "lws"), reference)
+    assert results.row("lws")["acc@1 (%)"] == full.row("lws")["acc@1 (%)"]

@@ -147,3 +147,6 @@ def test_cifar_recipes_follow_the_ldam_drw_schedule(file: str, dataset: str, roo
     (crt,) = runs["crt"].stages
     assert crt.retrain_classifier and crt.sampler is not None and crt.sampler.name == "class_balanced"
     assert crt.optimizer is not None and crt.from_epoch < experiment.trainer.epochs
+    (lws,) = runs["lws"].stages  # the same stage, keeping the classifier and learning a scale per class
+    assert lws.scale_classifier and not lws.retrain_classifier and lws.from_epoch == crt.from_epoch
+    assert lws.optimizer is not None and lws.optimizer.params["weight_decay"] == 0.0

@@ -126,7 +126,7 @@ class TrainerConfig(_Strict):
 
 
 class StageConfig(_Strict):
-    """From ``from_epoch`` on, replace parts of a run (DRW, DRS, fine-tuning without mixup, cRT)."""
+    """From ``from_epoch`` on, replace parts of a run (DRW, DRS, fine-tuning without mixup, cRT, LWS)."""
 
     from_epoch: int = Field(ge=1, description="First epoch (0-based) the stage applies to.")
     loss: LossSpec | None = None
@@ -135,6 +135,11 @@ class StageConfig(_Strict):
     optimizer: OptimizerSpec | None = Field(None, description="A fresh optimizer (and schedule) from this epoch.")
     retrain_classifier: bool = Field(
         False, description="cRT: freeze the backbone (BatchNorm in eval mode), re-initialise and train the classifier."
+    )
+    scale_classifier: bool = Field(
+        False,
+        description="LWS: freeze the backbone (BatchNorm in eval mode) and the classifier, and learn one scale per "
+        "class that multiplies the logits (initialised to 1).",
     )
 
 

@@ -140,6 +140,7 @@ def _cross_field_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
             if run.get(field) is None and _get(defaults, field) is None:
                 issues.append(ConfigIssue(f"runs[{i}].{field}", f"required: set it here or under defaults.{field}"))
         previous = None
+        classifier_stages: set[str] = set()
         for j, stage in _items(run.get("stages")):
             start = _get(stage, "from_epoch")
             if not isinstance(start, int) or isinstance(start, bool):
@@ -160,9 +161,22 @@ def _cross_field_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                 issues.append(
                     ConfigIssue(
                         f"runs[{i}].stages[{j}]",
-                        "the stage changes nothing; set loss, sampler, mixer, optimizer or retrain_classifier",
+                        "the stage changes nothing; set loss, sampler, mixer, optimizer, retrain_classifier or "
+                        "scale_classifier",
                     )
                 )
+            for flag in ("retrain_classifier", "scale_classifier"):
+                if _get(stage, flag) is True and flag not in classifier_stages:
+                    classifier_stages.add(flag)
+                    if len(classifier_stages) == 2:  # said once, where the second way first appears
+                        issues.append(
+                            ConfigIssue(
+                                f"runs[{i}].stages[{j}].{flag}",
+                                "a run re-trains its classifier one way: retrain_classifier (cRT, a new classifier) "
+                                "or scale_classifier (LWS, the trained classifier with a learned scale per class), "
+                                "not both",
+                            )
+                        )
         adjustments = [_get(a, "name") for _, a in _items(run.get("posthoc"))]
         for j, adjustment in enumerate(adjustments):
             if isinstance(adjustment, str) and adjustment in adjustments[:j]:

@@ -39,8 +39,8 @@ def fusion_blocker(run: RunState) -> str | None:
     for group in optimizer.param_groups:
         if group.get("dampening", 0) != 0 or group.get("maximize", False):
             return "SGD with dampening or maximize"
-    if run.specs.retrain_classifier:
-        return "classifier re-training freezes part of the model"
+    if run.specs.retrain_classifier or run.specs.scale_classifier:
+        return "classifier re-training (cRT or LWS) freezes part of the model"
     if run.mixer is not None and getattr(run.mixer, "mixes_hidden", False):
         return "the mixer mixes hidden activations"
     return None

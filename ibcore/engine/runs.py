@@ -34,13 +34,14 @@ class EffectiveSpecs:
     optimizer_from_epoch: int  # the epoch the current optimizer (and its schedule) started at
     retrain_classifier: bool
     stage_index: int  # -1 before any stage
+    scale_classifier: bool = False  # LWS
 
 
 def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
     """The components of ``run`` in ``epoch``: later stages override only the fields they set."""
     assert run.loss is not None and run.optimizer is not None
     loss, sampler, mixer, optimizer = run.loss, run.sampler or DEFAULT_SAMPLER, run.mixer, run.optimizer
-    optimizer_from, retrain, index = 0, False, -1
+    optimizer_from, retrain, scale, index = 0, False, False, -1
     for i, stage in enumerate(run.stages):
         if stage.from_epoch > epoch:
             break
@@ -56,7 +57,27 @@ def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
             optimizer, optimizer_from = stage.optimizer, stage.from_epoch
         if stage.retrain_classifier:
             retrain = True
-    return EffectiveSpecs(loss, sampler, mixer, optimizer, optimizer_from, retrain, index)
+        if stage.scale_classifier:
+            scale = True
+    return EffectiveSpecs(loss, sampler, mixer, optimizer, optimizer_from, retrain, index, scale)
+
+
+def _scale_logits(classifier: torch.nn.Module, inputs: Any, logits: torch.Tensor) -> torch.Tensor:
+    return logits * classifier.get_parameter("class_scale")
+
+
+def add_class_scale(model: torch.nn.Module) -> None:
+    """LWS (Kang et al. 2020): a learnable scale per class, initialised to 1, multiplying the classifier's
+    logits (bias included, as the official code and MiSLAS do). Stored on the classifier as ``class_scale``,
+    so it is in the state dict (``classifier.class_scale``) and every forward pass (training, evaluation,
+    post-hoc adjustments) sees it. Does nothing if the model has it already."""
+    classifier: torch.nn.Module = model.classifier  # type: ignore[assignment]
+    if "class_scale" in classifier._parameters:
+        return
+    reference = next(classifier.parameters())
+    scale = torch.ones(int(model.num_classes), device=reference.device, dtype=reference.dtype)  # type: ignore[arg-type]
+    classifier.register_parameter("class_scale", torch.nn.Parameter(scale))
+    classifier.register_forward_hook(_scale_logits)
 
 
 class RunState:
@@ -108,12 +129,17 @@ class RunState:
         starts_retrain = specs.retrain_classifier and (previous is None or not previous.retrain_classifier)
         if starts_retrain and transition:
             self.model.reset_classifier()  # type: ignore[operator]
-        self._freeze(specs.retrain_classifier)
+        starts_scaling = specs.scale_classifier and (previous is None or not previous.scale_classifier)
+        if specs.scale_classifier:
+            # Also when resuming (transition=False): the checkpoint holds the scale, so it must exist first.
+            add_class_scale(self.model)
+        self._freeze(specs)
         new_optimizer = (
             previous is None
             or spec_key(specs.optimizer) != spec_key(previous.optimizer)
             or specs.optimizer_from_epoch != previous.optimizer_from_epoch
             or starts_retrain
+            or starts_scaling
         )
         if new_optimizer:
             horizon = context.replace(epochs=epochs - specs.optimizer_from_epoch)
@@ -123,15 +149,22 @@ class RunState:
         self.specs = specs
         return True
 
-    def _freeze(self, retrain_classifier: bool) -> None:
-        classifier_params = {id(p) for p in self.model.classifier.parameters()}  # type: ignore[union-attr]
+    def _freeze(self, specs: EffectiveSpecs) -> None:
+        """cRT trains the classifier only, LWS the per-class scale only; otherwise everything trains."""
+        classifier: torch.nn.Module = self.model.classifier  # type: ignore[assignment]
+        if specs.scale_classifier:
+            trainable = {id(classifier.get_parameter("class_scale"))}
+        elif specs.retrain_classifier:
+            trainable = {id(p) for p in classifier.parameters()}
+        else:
+            trainable = {id(p) for p in self.model.parameters()}
         for parameter in self.model.parameters():
-            parameter.requires_grad_(not retrain_classifier or id(parameter) in classifier_params)
+            parameter.requires_grad_(id(parameter) in trainable)
 
     def train_mode(self) -> None:
-        """Train mode; during classifier re-training the backbone's BatchNorm statistics stay frozen."""
+        """Train mode; during classifier re-training (cRT, LWS) the backbone's BatchNorm statistics stay frozen."""
         assert self.specs is not None
-        if self.specs.retrain_classifier:
+        if self.specs.retrain_classifier or self.specs.scale_classifier:
             self.model.eval()
             self.model.classifier.train()  # type: ignore[union-attr]
         else:
