@@ -218,6 +218,26 @@ def test_classifier_retraining_freezes_the_backbone_and_retrains_the_classifier(
             assert torch.equal(value, after_two[key]), f"{key} changed during classifier re-training"
 
 
+def test_crt_draws_its_new_classifier_from_the_seed_not_from_the_global_random_stream(tmp_path: Path) -> None:
+    """Under torchrun each rank's global stream stands elsewhere than one process's: the re-initialised
+    classifier must not depend on it, or two processes and one would train different models."""
+    config = tiny_config(epochs=3)
+    config["runs"] = [{"name": "crt", "stages": [{"from_epoch": 2, "retrain_classifier": True}]}]
+    states = []
+    for elsewhere in (1, 2):
+        trainer = make_trainer(config, tmp_path, f"stream{elsewhere}")
+        configure = trainer._configure_runs
+
+        def moved_stream(epoch: int, transition: bool, configure: Any = configure, seed: int = elsewhere) -> set[str]:
+            torch.manual_seed(seed)
+            return configure(epoch, transition)  # type: ignore[no-any-return]
+
+        trainer._configure_runs = moved_stream  # type: ignore[method-assign]
+        trainer.fit()
+        states.append(state_of(trainer, "crt"))
+    assert_same_state(*states)
+
+
 NAN_PLUGIN = '''
 import torch
 import torch.nn.functional as F

@@ -128,7 +128,7 @@ class RunState:
             )
         starts_retrain = specs.retrain_classifier and (previous is None or not previous.retrain_classifier)
         if starts_retrain and transition:
-            self.model.reset_classifier()  # type: ignore[operator]
+            self._reset_classifier(epoch)
         starts_scaling = specs.scale_classifier and (previous is None or not previous.scale_classifier)
         if specs.scale_classifier:
             # Also when resuming (transition=False): the checkpoint holds the scale, so it must exist first.
@@ -148,6 +148,14 @@ class RunState:
             self.optimizer = self.recipe.create(trainable)
         self.specs = specs
         return True
+
+    def _reset_classifier(self, epoch: int) -> None:
+        """cRT's new classifier, drawn from (seed, run, epoch) rather than from wherever the global random
+        stream stands: the same in one process or under torchrun, whatever ran before."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(self.seed, "reset_classifier", self.name, epoch))
+            self.model.reset_classifier()  # type: ignore[operator]
 
     def _freeze(self, specs: EffectiveSpecs) -> None:
         """cRT trains the classifier only, LWS the per-class scale only; otherwise everything trains."""
