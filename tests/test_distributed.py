@@ -349,8 +349,16 @@ sys.exit(main(sys.argv[1:]))
 def test_in_float64_two_processes_match_one_process_to_rounding(tmp_path: Path) -> None:
     # Same global batch, global-batch BatchNorm statistics and per-sample augmentation: the two runs
     # compute the same function, so in float64 they agree to rounding error after 2 epochs (26 steps).
+    # With classifier re-training (cRT, whose new classifier is drawn at the stage start) and LWS from epoch 1.
+    balanced = {"name": "class_balanced"}
+    runs = [
+        {"name": "ce"},
+        {"name": "balanced", "sampler": balanced},
+        {"name": "crt", "stages": [{"from_epoch": 1, "retrain_classifier": True, "sampler": balanced}]},
+        {"name": "lws", "stages": [{"from_epoch": 1, "scale_classifier": True, "sampler": balanced}]},
+    ]
     config = tmp_path / "exp.yaml"
-    config.write_text(json.dumps(experiment(epochs=2)))
+    config.write_text(json.dumps(experiment(epochs=2, runs=runs)))
     launcher = tmp_path / "float64_ib.py"
     launcher.write_text(LAUNCHER_FLOAT64)
     done = subprocess.run(
@@ -365,7 +373,7 @@ def test_in_float64_two_processes_match_one_process_to_rounding(tmp_path: Path) 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        single = ibcore.run(experiment(epochs=2), out_dir=tmp_path / "one", quiet=True)
+        single = ibcore.run(experiment(epochs=2, runs=runs), out_dir=tmp_path / "one", quiet=True)
     finally:
         torch.set_default_dtype(previous)
     two = run_dir_in(tmp_path / "two")
