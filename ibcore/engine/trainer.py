@@ -162,9 +162,6 @@ class Trainer:
 
         self.runs = [RunState(run, self.context, self.seed, self.device) for run in experiment.runs]
         self._preflight()
-        if self.device.type == "cuda":
-            # Batch shapes are fixed, so cuDNN's autotuned convolution algorithms pay off (as in LDAM-DRW's code).
-            torch.backends.cudnn.benchmark = True
         if experiment.trainer.channels_last:
             # Faster convolutions on GPUs (tensor cores) and CPUs (oneDNN): 1.4-1.7x for small_cnn on 2 cores.
             for run in self.runs:
@@ -407,6 +404,16 @@ class Trainer:
                 self.display.advance(len(y) * world)
 
     def fit(self) -> Results:
+        # Batch shapes are fixed, so cuDNN's autotuned convolution algorithms pay off (LDAM-DRW's code sets it
+        # too). Only for this training: the caller's process gets its setting back.
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = previous or self.device.type == "cuda"
+        try:
+            return self._fit()
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
+    def _fit(self) -> Results:
         trainer_cfg = self.experiment.trainer
         self._write_meta()
         for epoch in range(self.start_epoch, self.epochs):
