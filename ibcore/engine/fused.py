@@ -182,6 +182,8 @@ class FusedTrainer:
         settings = trainer.experiment.trainer
         # torch.compile has its own graphs (mode="reduce-overhead"); the two are not combined.
         self.graphs = settings.cuda_graphs == "auto" and trainer.device.type == "cuda" and not settings.compile
+        if settings.cuda_graphs == "auto" and trainer.device.type == "cuda" and settings.compile:
+            trainer.display.log("CUDA graphs: off while trainer.compile is on (torch.compile brings its own)")
         self.groups: list[_Group] = []
         self.kept: list[_Group] = []  # last epoch's groups, reused when their runs are unchanged
         self.history: list[list[str]] = []  # every distinct group of run names fused so far
