@@ -10,6 +10,13 @@ evaluation and resume are shared with it.
 Fusion applies to runs whose optimizer is ``torch.optim.SGD`` (no dampening, not maximising),
 that mix only inputs (not hidden layers) and that are not re-training a frozen backbone; other
 runs train sequentially and the log says why.
+
+On CUDA (``trainer.cuda_graphs: auto``) each group's whole step (forward, losses, backward, update)
+is captured once in a CUDA graph and replayed for every full batch, since a small model's step is
+bound by kernel launches; a run with no partner gets a group of its own for that. Groups are kept
+from epoch to epoch while their runs' objects are unchanged, so a graph is captured again only
+when a stage changes a run. BatchNorm inside the stacked model is one call over the K runs'
+channels (:mod:`ibcore.engine.stacked_norm`).
 """
 
 from __future__ import annotations
@@ -371,7 +378,7 @@ class FusedTrainer:
     def _shared_step(self, group: _Group, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward, each run's loss, backward and SGD update with one batch for all runs; the (K,) losses."""
         with self._autocast():
-            logits = _full_precision(group.forward(x, shared=True))
+            logits = full_precision(group.forward(x, shared=True))
         losses = torch.stack([run.loss(logits[k], y) for k, run in enumerate(group.runs)])
         losses.sum().backward()
         group.sgd_step()
@@ -381,7 +388,7 @@ class FusedTrainer:
         """As :meth:`_shared_step`, with each mixing run's own mixed inputs and two-target loss."""
         with self._autocast():
             inputs = torch.stack([x if p is None else p[0].mix(x, p[1]) for p in plans])
-            logits = _full_precision(group.forward(inputs, shared=False))
+            logits = full_precision(group.forward(inputs, shared=False))
         losses = []
         for k, run in enumerate(group.runs):
             if plans[k] is None:
@@ -480,5 +487,6 @@ class _CapturedStep:
         return self.losses
 
 
-def _full_precision(logits: torch.Tensor) -> torch.Tensor:
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Losses see float32 logits under bf16 autocast (and float64 when a test runs in float64)."""
     return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits

@@ -41,6 +41,7 @@ from ibcore.engine.distributed import (
     eval_indices,
     rank_indices,
 )
+from ibcore.engine.fused import FusedTrainer, full_precision
 from ibcore.engine.progress import ProgressDisplay
 from ibcore.engine.runs import RunState, effective_specs, spec_key
 from ibcore.engine.seeding import derive_seed
@@ -179,8 +180,6 @@ class Trainer:
         self._ddp: dict[str, tuple[Any, nn.Module]] = {}  # run name -> (its parameters' identity, DDP wrapper)
         if self.dist.enabled:
             self._prepare_ranks()
-        from ibcore.engine.fused import FusedTrainer
-
         if self.dist.splits_batches:
             self.fused = None
             self.display.log(
@@ -345,7 +344,7 @@ class Trainer:
     ) -> torch.Tensor:
         mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
         if mixer is None:
-            return run.loss(_full_precision(self._forward(run, x)), y)
+            return run.loss(full_precision(self._forward(run, x)), y)
         plan = mixer.plan(x, y, generator)
         plan.permutation = plan.permutation.to(x.device)
         plan.target_weight = plan.target_weight.to(device=x.device, dtype=torch.float32)
@@ -353,7 +352,7 @@ class Trainer:
             logits = self._forward(run, mixer.mix(x, plan))
         else:
             logits = self._forward(run, x, plan.layer, lambda h: mixer.mix(h, plan))
-        logits = _full_precision(logits)
+        logits = full_precision(logits)
         return run.loss(logits, y, plan.target_weight) + run.loss(logits, y[plan.permutation], 1.0 - plan.target_weight)
 
     # -- epochs ----------------------------------------------------------------------------------
@@ -774,11 +773,6 @@ def _config_source(run_dir: Path) -> str:
     except (OSError, ValueError):
         pass
     return str(run_dir / "config.yaml")
-
-
-def _full_precision(logits: torch.Tensor) -> torch.Tensor:
-    """Losses see float32 logits under bf16 autocast (and float64 when a test runs in float64)."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 def _headline(metrics: dict[str, Any]) -> float | None:
