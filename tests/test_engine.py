@@ -260,13 +260,20 @@ def build_exploding(params, context):
 '''
 
 
-def test_a_run_whose_loss_turns_nan_stops_and_the_others_finish(tmp_path: Path) -> None:
-    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
-    config = tiny_config(epochs=3, fused="off")
-    config["plugins"] = ["nan_plugin"]
+def exploding_experiment(tmp_path: Path, module: str, **trainer: Any) -> Path:
+    """tiny_config plus a run whose plugin loss turns NaN on its fourth call, written next to its plugin
+    (each test its own module name: imported modules are cached)."""
+    (tmp_path / f"{module}.py").write_text(NAN_PLUGIN)
+    config = tiny_config(**trainer)
+    config["plugins"] = [module]
     config["runs"].append({"name": "exploding", "loss": {"name": "exploding_ce"}})
     path = tmp_path / "exp.yaml"
     path.write_text(json.dumps(config))
+    return path
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_the_others_finish(tmp_path: Path) -> None:
+    path = exploding_experiment(tmp_path, "nan_plugin", epochs=3, fused="off")
     with ibcore.registry_snapshot():
         results = ibcore.run(path, out_dir=tmp_path / "out", quiet=True)
     status = {row["run"]: row["status"] for row in results.rows}
@@ -280,13 +287,8 @@ def test_with_graphs_a_plugin_loss_that_does_not_opt_in_steps_kernel_by_kernel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The exploding loss counts its calls in Python: replayed from a graph it would never turn NaN."""
-    (tmp_path / "nan_plugin_graphs.py").write_text(NAN_PLUGIN)  # own name: modules are cached
     monkeypatch.setattr(fused_module, "_CapturedStep", ReplayByRunning)
-    config = tiny_config(epochs=2, fused="on")
-    config["plugins"] = ["nan_plugin_graphs"]
-    config["runs"].append({"name": "exploding", "loss": {"name": "exploding_ce"}})
-    path = tmp_path / "exp.yaml"
-    path.write_text(json.dumps(config))
+    path = exploding_experiment(tmp_path, "nan_plugin_graphs", epochs=2, fused="on")
     with ibcore.registry_snapshot():
         (tmp_path / "run").mkdir()
         trainer = Trainer(load_experiment(path), tmp_path / "run", quiet=True)
