@@ -109,10 +109,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 exc.source = path
             _print_config_error(exc, console)
         else:
-            count = len(experiment.runs)
+            from ibcore.engine.repeats import expand_runs  # no torch: the config layer only
+
+            count, trained = len(experiment.runs), len(expand_runs(experiment))
+            repeats = f"; {trained} trained, one per seed" if trained != count else ""
             console.print(
                 f"[green]✓[/green] {escape(path)}: valid ({count} run{'s' if count != 1 else ''}: "
-                f"{', '.join(r.name for r in experiment.runs)})"
+                f"{', '.join(r.name for r in experiment.runs)}{repeats})"
             )
     return 1 if failed else 0
 
@@ -129,10 +132,22 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of batches (1 or more), got {text!r}")
+    return value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ibcore.engine import run
 
-    return _exit_code(run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet))
+    only = [name.strip() for part in args.only for name in part.split(",") if name.strip()] or None
+    results = run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet, smoke=args.smoke, only=only)
+    return _exit_code(results)
 
 
 def _exit_code(results: object) -> int:
@@ -210,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a value, e.g. trainer.epochs=5 or runs.ce.loss.params.gamma=2",
     )
     p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument(
+        "--smoke",
+        nargs="?",
+        type=_positive_int,
+        const=2,
+        metavar="N",
+        help="a quick check of the whole config: N batches (default 2) of the first epoch, of each stage's first "
+        "epoch and of the last, one evaluation; writes a full run directory; the numbers mean nothing",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="RUN[,RUN]",
+        help="train only these runs of the config (with all their seeds), e.g. --only ce,ldam_drw",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

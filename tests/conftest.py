@@ -6,7 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -95,3 +95,14 @@ def ib_subprocess(tmp_path: Path) -> Callable[..., CliResult]:
         return CliResult(done.returncode, done.stdout, done.stderr)
 
     return run
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """Run a test in float64, where the fused and sequential paths must agree to rounding error."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -24,8 +24,8 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # LDAM-DRW cifar_train.py
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-def build_dataset(name: str, **params: object) -> object:
-    return ibcore.build("dataset", name, params, context=BuildContext())
+def build_dataset(name: str, context: BuildContext | None = None, **params: object) -> object:
+    return ibcore.build("dataset", name, params, context=context or BuildContext())
 
 
 def normalised(images_uint8: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
@@ -159,12 +159,40 @@ def test_mnist_lt_train_and_test_never_overlap() -> None:
     assert not train_bytes & test_bytes
 
 
-def test_mnist_lt_seed_draws_another_train_subset_on_the_same_test_split() -> None:
-    first, again, other = (build_dataset("mnist_lt", seed=s) for s in (0, 0, 1))
+def test_mnist_lt_subset_seed_draws_another_train_subset_on_the_same_test_split() -> None:
+    first, again, other = (build_dataset("mnist_lt", subset_seed=s) for s in (0, 0, 1))
     assert np.array_equal(first.train.source_indices, again.train.source_indices)
     assert not np.array_equal(first.train.source_indices, other.train.source_indices)
     assert first.train.class_counts == other.train.class_counts
     assert np.array_equal(first.test.source_indices, other.test.source_indices)
+
+
+def test_mnist_lt_still_accepts_seed_as_the_deprecated_name_of_subset_seed() -> None:
+    with pytest.warns(FutureWarning, match="'seed' is deprecated; write 'subset_seed'"):
+        old = build_dataset("mnist_lt", seed=1)
+    assert np.array_equal(old.train.source_indices, build_dataset("mnist_lt", subset_seed=1).train.source_indices)
+    with pytest.raises(ConfigError, match="give subset_seed only"):
+        build_dataset("mnist_lt", seed=1, subset_seed=1)
+    with pytest.raises(ConfigError) as caught:
+        build_dataset("mnist_lt", sed=1)
+    assert [issue.path for issue in caught.value.issues] == ["params.sed"]
+
+
+def test_schema_lists_subset_seed_and_the_deprecated_seed_of_mnist_lt() -> None:
+    from ibcore.config import experiment_json_schema
+
+    datasets = {choice["title"]: choice for choice in experiment_json_schema()["$defs"]["DatasetSpec"]["anyOf"]}
+    mnist = datasets["mnist_lt"]["properties"]["params"]["properties"]
+    assert mnist["subset_seed"]["default"] is None and mnist["seed"]["deprecated"] is True
+    assert "subset_seed" in datasets["array_file"]["properties"]["params"]["properties"]
+
+
+def test_mnist_lt_subset_seed_unset_follows_the_experiment_seed() -> None:
+    from_context = build_dataset("mnist_lt", BuildContext(seed=1))
+    pinned = build_dataset("mnist_lt", BuildContext(seed=0), subset_seed=1)
+    default = build_dataset("mnist_lt", BuildContext(seed=0))
+    assert np.array_equal(from_context.train.source_indices, pinned.train.source_indices)
+    assert not np.array_equal(default.train.source_indices, from_context.train.source_indices)
 
 
 def test_mnist_lt_step_imbalance() -> None:
@@ -291,6 +319,22 @@ def test_seeded_subset_is_a_default_rng_permutation_per_class(cifar10: tuple[Pat
     other = build_dataset("cifar10_lt", root=str(root), imbalance_ratio=10, subset_seed=6)
     assert other.train.class_counts == dataset.train.class_counts
     assert other.train.source_indices.tolist() != expected.tolist()
+
+
+@pytest.mark.parametrize("method", ["seeded", "cao"])
+def test_cifar_subset_seed_unset_follows_the_experiment_seed(
+    cifar10: tuple[Path, dict[str, np.ndarray]], method: str
+) -> None:
+    root, _ = cifar10
+    common = {"root": str(root), "imbalance_ratio": 10, "subset_method": method}
+    from_context = build_dataset("cifar10_lt", BuildContext(seed=1), **common)
+    pinned = build_dataset("cifar10_lt", BuildContext(seed=0), **common, subset_seed=1)
+    default = build_dataset("cifar10_lt", BuildContext(seed=0), **common)
+    assert from_context.train.source_indices.tolist() == pinned.train.source_indices.tolist()
+    assert default.train.source_indices.tolist() != from_context.train.source_indices.tolist()
+    # a pinned subset_seed ignores the experiment's seed
+    pinned_again = build_dataset("cifar10_lt", BuildContext(seed=5), **common, subset_seed=1)
+    assert pinned_again.train.source_indices.tolist() == pinned.train.source_indices.tolist()
 
 
 def test_val_split_comes_from_unselected_images(cifar10: tuple[Path, dict[str, np.ndarray]]) -> None:
@@ -510,7 +554,7 @@ def test_kind_package_registers_every_dataset_without_importing_torch() -> None:
     code = (
         "import sys, ib_plugins_builtin.datasets as d\n"
         "from ibcore.registry import resolve\n"
-        "names = ['mnist_lt', 'cifar10_lt', 'cifar100_lt', 'image_list', 'image_folder']\n"
+        "names = ['mnist_lt', 'cifar10_lt', 'cifar100_lt', 'image_list', 'image_folder', 'array_file']\n"
         "infos = [resolve('dataset', n) for n in names]\n"
         "assert all(i.loaded and i.description for i in infos), infos\n"
         "print(sorted({'torch', 'numpy', 'torchvision', 'PIL'} & set(sys.modules)))\n"

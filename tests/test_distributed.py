@@ -299,7 +299,7 @@ def test_each_epoch_the_ranks_take_disjoint_slices_of_the_samplers_stream(
     _, root = two_process_run
     # The reference streams come from a single-process trainer's samplers.
     reference = Trainer(load_experiment(experiment()), tmp_path, quiet=True)
-    assert len(reference.train_data) % 2 == 0  # so no index is repeated to even out the slices
+    assert len(reference.data[reference.seed].train) % 2 == 0  # so no index is repeated to even out the slices
     for epoch in range(5):
         dumped = [
             {
@@ -310,7 +310,7 @@ def test_each_epoch_the_ranks_take_disjoint_slices_of_the_samplers_stream(
         ]
         assert dumped[0].keys() == dumped[1].keys() and len(dumped[0]) == 2  # instance and class_balanced
         for key in dumped[0]:
-            stream = reference.sampler(ComponentSpec(**json.loads(key))).indices(epoch)
+            stream = reference.sampler(reference.runs[0], ComponentSpec(**json.loads(key))).indices(epoch)
             assert dumped[0][key].tolist() == stream[0::2].tolist()
             assert dumped[1][key].tolist() == stream[1::2].tolist()
             union = np.sort(np.concatenate([dumped[0][key], dumped[1][key]]))

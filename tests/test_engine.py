@@ -74,15 +74,6 @@ def test_runs_with_the_same_backbone_start_identical_whatever_their_order(tmp_pa
     )
 
 
-@pytest.fixture
-def float64() -> Any:
-    """Run a test in float64, where the fused and sequential paths must agree to rounding error."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def fused_vs_sequential(tmp_path: Path, epochs: int) -> tuple[Trainer, Trainer]:
     # Same memory layout on both paths, so float32 sums differ only where vmap groups convolutions.
     config = tiny_config(epochs=epochs, channels_last=False)
@@ -313,7 +304,7 @@ def test_results_files_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[
     row = results.row("ce")
     assert 0 <= row["acc@1 (%)"] <= 100 and {"many (%)", "medium (%)", "few (%)"} <= row.keys()
     csv_header = (run_dir / "results.csv").read_text().splitlines()[0]
-    assert csv_header.startswith("run,epoch,acc@1 (%)")
+    assert csv_header.startswith("run,method,seed,epoch,acc@1 (%)")
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["seed"] == 3 and meta["torch"] == torch.__version__ and meta["class_counts"][0] == 480
     (run_dir / "results.md").unlink()
@@ -580,7 +571,7 @@ def test_lws_learns_only_a_scale_per_class_on_the_frozen_model(tmp_path: Path) -
     trainer = make_trainer({**lws_config(), "trainer": {**lws_config()["trainer"], "fused": "on"}}, tmp_path)
     trainer.fit()
     log = (trainer.run_dir / "train.log").read_text()
-    assert "run 'lws' trains on its own (classifier re-training (cRT or LWS) freezes part of the model)" in log
+    assert "run 'lws' trains on its own (classifier re-training (cRT, LWS) freezes part of the model)" in log
     after_two = load_checkpoint(trainer.run_dir / "checkpoints" / "epoch-0002.pt")["runs"]["lws"]["model"]
     final = state_of(trainer, "lws")
     assert set(final) - set(after_two) == {"classifier.class_scale"}
@@ -610,3 +601,34 @@ def test_resuming_during_lws_reaches_the_same_numbers(tmp_path: Path) -> None:
     reference = load_checkpoint(full.run_dir / "checkpoints" / "epoch-0003.pt")["runs"]["lws"]["model"]
     assert_same_state(state_of(resumed, "lws"), reference)
     assert results.row("lws")["acc@1 (%)"] == full.row("lws")["acc@1 (%)"]
+
+
+@pytest.mark.parametrize("batchnorm", ["frozen", "update"])
+def test_mislas_stage_trains_classifier_and_scales_on_a_frozen_backbone(tmp_path: Path, batchnorm: str) -> None:
+    """MiSLAS stage 2 (dvlab-research/MiSLAS train_stage2.py): the trained classifier (not re-initialised) and one
+    scale per class learn together; the backbone's weights stay; with shift_bn (`batchnorm: update`) its BatchNorm
+    running statistics are re-estimated on the stage's batches, otherwise they stay too."""
+    config = lws_config()
+    stage = config["runs"][1]["stages"][0]
+    stage.update({"train_classifier": True, "batchnorm": batchnorm})
+    trainer = make_trainer(config, tmp_path)
+    trainer.fit()
+    after_two = load_checkpoint(trainer.run_dir / "checkpoints" / "epoch-0002.pt")["runs"]["lws"]["model"]
+    final = state_of(trainer, "lws")
+    moved = {key for key, value in after_two.items() if not torch.equal(final[key], value)}
+    statistics = {key for key in after_two if key.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert {"classifier.weight", "classifier.bias"} <= moved
+    assert not torch.allclose(final["classifier.class_scale"], torch.ones(10))
+    backbone_weights = {k for k in after_two if not k.startswith("classifier.")} - statistics
+    assert not moved & backbone_weights
+    assert (moved & statistics == statistics) if batchnorm == "update" else not (moved & statistics)
+
+
+def test_batchnorm_and_train_classifier_are_checked_against_the_other_stage_flags() -> None:
+    config = lws_config()
+    config["runs"][0]["stages"] = [{"from_epoch": 1, "batchnorm": "update", "loss": {"name": "cross_entropy"}}]
+    config["runs"][1]["stages"][0].update({"retrain_classifier": True, "train_classifier": True})
+    del config["runs"][1]["stages"][0]["scale_classifier"]
+    issues = {issue.path: issue.message for issue in ibcore.validate(config)}
+    assert issues["runs[0].stages[0].batchnorm"].startswith("applies only while the backbone is frozen")
+    assert issues["runs[1].stages[0].train_classifier"].startswith("retrain_classifier trains a new classifier")

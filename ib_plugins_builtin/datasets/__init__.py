@@ -5,15 +5,20 @@ and ``ib validate`` stay light. The factories import their implementation submod
 
 Every dataset returns an object with ``num_classes``, ``train``, ``test``, ``val`` (``None`` unless
 configured) and ``class_names``; each split exposes ``targets`` (int64 numpy), ``class_counts`` and
-``num_classes`` without decoding an image. ``mnist_lt`` and ``cifar*_lt`` splits are tensor splits
-(``tensors()`` and an ``augment`` spec the engine can replay on the device).
+``num_classes`` without decoding an image. ``mnist_lt``, ``cifar*_lt`` and ``array_file`` splits are tensor
+splits (``tensors()`` and an ``augment`` spec the engine can replay on the device).
+
+Seed convention: a dataset whose draw depends on a seed declares ``subset_seed: int | None = None``;
+when it is ``None`` the factory uses ``context.seed`` (the experiment's seed), so the run's seed fixes
+the subset unless the config pins it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import warnings
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
 from ibcore import BuildContext, Params, register_dataset
 
@@ -24,6 +29,11 @@ ImbalanceType = Literal["exp", "step"]
 
 _RATIO_HELP = "n_max / n_min, the head class over the tail class (1 = balanced)"
 _TYPE_HELP = "'exp': n_i = int(n_max * (1/IR)^(i/(C-1))); 'step': half the classes n_max, half int(n_max/IR)"
+_SUBSET_METHOD_HELP = (
+    "'cao': the exact subset of LDAM-DRW / BagofTricks-LT (np.random.seed + shuffle per class); "
+    "'seeded': a per-class permutation from numpy.random.default_rng(subset_seed)"
+)
+_SUBSET_SEED_HELP = "seed of the subset draw; None: the experiment's seed"
 
 CIFAR_LT_CITATION = (
     "Cao et al., NeurIPS 2019, 'Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss' "
@@ -31,16 +41,48 @@ CIFAR_LT_CITATION = (
 )
 
 
+def _schema_with_old_seed_name(schema: dict[str, Any]) -> None:
+    """List ``seed`` in the JSON schema too, marked deprecated, so editors accept configs written before the rename."""
+    schema.setdefault("properties", {})["seed"] = {
+        "anyOf": [{"minimum": 0, "type": "integer"}, {"type": "null"}],
+        "deprecated": True,
+        "description": "deprecated name of subset_seed",
+    }
+
+
 class MnistLTParams(Params):
     """Params of ``mnist_lt``."""
+
+    model_config = ConfigDict(json_schema_extra=_schema_with_old_seed_name)
 
     imbalance_ratio: float = Field(10.0, ge=1.0, description=_RATIO_HELP)
     imbalance_type: ImbalanceType = Field("exp", description=_TYPE_HELP)
     test_per_class: int = Field(
         100, ge=1, le=499, description="images per class held out (first in the file) as the balanced test split"
     )
-    seed: int = Field(0, ge=0, description="seed of numpy.random.default_rng that draws the train subset")
+    subset_seed: int | None = Field(
+        None,
+        ge=0,
+        validation_alias=AliasChoices("subset_seed", "seed"),
+        description="seed of numpy.random.default_rng that draws the train subset; None: the experiment's seed "
+        "('seed' is accepted as its deprecated old name)",
+    )
     augment: bool = Field(False, description="pad 2 + random 28x28 crop on the train split (never a flip)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_seed_name(cls, data: Any) -> Any:
+        """Accept ``seed`` (the name before ``subset_seed``) with a warning; refuse both at once."""
+        if isinstance(data, dict) and "seed" in data:
+            if "subset_seed" in data:
+                raise ValueError("give subset_seed only; seed is its deprecated old name")
+            warnings.warn(
+                "mnist_lt: the param 'seed' is deprecated; write 'subset_seed' (leave it out to follow the "
+                "experiment's seed)",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return data
 
 
 class CifarLTParams(Params):
@@ -54,12 +96,10 @@ class CifarLTParams(Params):
     download: bool = Field(False, description="fetch the python version with torchvision if it is missing")
     imbalance_ratio: float = Field(100.0, ge=1.0, description=_RATIO_HELP)
     imbalance_type: ImbalanceType = Field("exp", description=_TYPE_HELP)
-    subset_method: Literal["seeded", "cao"] = Field(
-        "seeded",
-        description="'cao': the exact subset of LDAM-DRW / BagofTricks-LT (np.random.seed + shuffle per class); "
-        "'seeded': a per-class permutation from numpy.random.default_rng(subset_seed)",
+    subset_method: Literal["seeded", "cao"] = Field("seeded", description=_SUBSET_METHOD_HELP)
+    subset_seed: int | None = Field(
+        None, ge=0, lt=2**32, description=f"{_SUBSET_SEED_HELP} (LDAM-DRW uses 0 with subset_method 'cao')"
     )
-    subset_seed: int = Field(0, ge=0, lt=2**32, description="seed of the subset draw (LDAM-DRW uses 0)")
     augment: bool = Field(True, description="pad 4 + random 32x32 crop + horizontal flip on the train split")
     val_per_class: int = Field(
         0, ge=0, description="balanced validation split from training images left out of the subset (0 = none)"
@@ -70,6 +110,91 @@ class CifarLTParams(Params):
         description="n_max, images the head class keeps (default: all, 5000 / 500); lower it to leave head "
         "images for val_per_class",
     )
+
+
+_PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
+class ArrayFileParams(Params):
+    """Params of ``array_file``."""
+
+    path: str = Field(
+        ...,
+        min_length=1,
+        description=".npz file with train_images, train_labels, test_images, test_labels (optional val_images + "
+        "val_labels, class_names); a relative path is taken from the working directory, like cifar's root",
+    )
+    layout: Literal["auto", "nhwc", "nchw"] = Field(
+        "auto",
+        description="axis order of 4-D image arrays; 'auto': channels last when the last axis is 1 or 3, else "
+        "channels first (3-D arrays (N, H, W) are single-channel)",
+    )
+    num_classes: int | None = Field(
+        None, ge=2, description="number of classes (default: len(class_names), else max label + 1 over all splits)"
+    )
+    imbalance_ratio: float | None = Field(
+        None,
+        ge=1.0,
+        description=f"None: train on the training arrays as they are; a number: cut a long-tailed subset from "
+        f"them, {_RATIO_HELP}",
+    )
+    imbalance_type: ImbalanceType = Field("exp", description=_TYPE_HELP)
+    subset_method: Literal["seeded", "cao"] = Field("seeded", description=_SUBSET_METHOD_HELP)
+    subset_seed: int | None = Field(
+        None, ge=0, lt=2**32, description=f"{_SUBSET_SEED_HELP} (used only with imbalance_ratio)"
+    )
+    max_per_class: int | None = Field(
+        None,
+        ge=1,
+        description="n_max of the cut, images the head class keeps (default: the smallest class count of the "
+        "training arrays); only with imbalance_ratio",
+    )
+    val_per_class: int = Field(
+        0,
+        ge=0,
+        description="balanced validation split from training images left out of the cut (0 = none); only with "
+        "imbalance_ratio, and not when the file has val arrays",
+    )
+    augment: bool = Field(True, description="random crop from the image padded by pad, and flip, on the train split")
+    pad: int = Field(4, ge=0, description="zero padding of the random crop (same size as the image) under augment")
+    flip: bool = Field(True, description="random horizontal flip under augment")
+    mean: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="per-channel mean of the 0..1 images (default: computed in float64 from the training images, "
+        "after the cut)",
+    )
+    std: list[_PositiveFloat] | None = Field(
+        None,
+        min_length=1,
+        description="per-channel std of the 0..1 images (default: computed in float64 from the training images, "
+        "after the cut)",
+    )
+
+    @model_validator(mode="after")
+    def _cut_options_need_a_ratio(self) -> ArrayFileParams:
+        problems = []
+        given = [name for name in ("max_per_class", "val_per_class") if getattr(self, name)]
+        if self.imbalance_ratio is None and given:
+            verb = "applies" if len(given) == 1 else "apply"
+            problems.append(
+                f"{' and '.join(given)} only {verb} to a long-tailed cut: set imbalance_ratio (1 keeps the classes "
+                "balanced)"
+            )
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            problems.append(f"mean has {len(self.mean)} values but std has {len(self.std)}; give one per channel")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_cut_draws_nothing(cls, data: Any) -> Any:
+        # Nothing is drawn without a cut: a pinned seed tells the engine that every seed can share one copy of
+        # the arrays (an unset subset_seed means "a subset per seed").
+        if isinstance(data, dict) and data.get("imbalance_ratio") is None and data.get("subset_seed") is None:
+            return {**data, "subset_seed": 0}
+        return data
 
 
 class ImageListParams(Params):
@@ -97,6 +222,11 @@ class ImageFolderParams(Params):
     augment: bool = Field(True, description="RandomResizedCrop + horizontal flip on the train split")
 
 
+def _subset_seed(seed: int | None, context: BuildContext) -> int:
+    """The seed of a dataset's subset draw: ``subset_seed`` when set, else the experiment's seed."""
+    return seed if seed is not None else context.seed
+
+
 @register_dataset(
     "mnist_lt",
     MnistLTParams,
@@ -113,12 +243,12 @@ def build_mnist_lt(params: MnistLTParams, context: BuildContext) -> ImageDataset
         imbalance_ratio=params.imbalance_ratio,
         imbalance_type=params.imbalance_type,
         test_per_class=params.test_per_class,
-        seed=params.seed,
+        seed=_subset_seed(params.subset_seed, context),
         augment=params.augment,
     )
 
 
-def _build_cifar(num_classes: int, params: CifarLTParams) -> ImageDataset:
+def _build_cifar(num_classes: int, params: CifarLTParams, context: BuildContext) -> ImageDataset:
     from ib_plugins_builtin.datasets._cifar import CIFAR10, CIFAR100, build_cifar_lt
 
     return build_cifar_lt(
@@ -128,7 +258,7 @@ def _build_cifar(num_classes: int, params: CifarLTParams) -> ImageDataset:
         imbalance_ratio=params.imbalance_ratio,
         imbalance_type=params.imbalance_type,
         subset_method=params.subset_method,
-        subset_seed=params.subset_seed,
+        subset_seed=_subset_seed(params.subset_seed, context),
         augment=params.augment,
         val_per_class=params.val_per_class,
         max_per_class=params.max_per_class,
@@ -141,7 +271,7 @@ def build_cifar10_lt(params: CifarLTParams, context: BuildContext) -> ImageDatas
 
     Normalisation of LDAM-DRW: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
     """
-    return _build_cifar(10, params)
+    return _build_cifar(10, params, context)
 
 
 @register_dataset("cifar100_lt", CifarLTParams, citation=CIFAR_LT_CITATION)
@@ -150,7 +280,33 @@ def build_cifar100_lt(params: CifarLTParams, context: BuildContext) -> ImageData
 
     Normalisation of LDAM-DRW: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
     """
-    return _build_cifar(100, params)
+    return _build_cifar(100, params, context)
+
+
+@register_dataset("array_file", ArrayFileParams)
+def build_array_file(params: ArrayFileParams, context: BuildContext) -> ImageDataset:
+    """Images and labels from a .npz file (train/test, optional val and class_names), optionally cut long-tailed.
+
+    Offline and pickle-free: a prepared CIFAR-LT, or any uint8 image arrays, held as tensor splits.
+    """
+    from ib_plugins_builtin.datasets._array_file import build_array_file as build
+
+    return build(
+        path=params.path,
+        layout=params.layout,
+        num_classes=params.num_classes,
+        imbalance_ratio=params.imbalance_ratio,
+        imbalance_type=params.imbalance_type,
+        subset_method=params.subset_method,
+        subset_seed=_subset_seed(params.subset_seed, context),
+        max_per_class=params.max_per_class,
+        val_per_class=params.val_per_class,
+        augment=params.augment,
+        pad=params.pad,
+        flip=params.flip,
+        mean=params.mean,
+        std=params.std,
+    )
 
 
 @register_dataset(
@@ -195,10 +351,12 @@ def build_image_folder(params: ImageFolderParams, context: BuildContext) -> Imag
 
 
 __all__ = [
+    "ArrayFileParams",
     "CifarLTParams",
     "ImageFolderParams",
     "ImageListParams",
     "MnistLTParams",
+    "build_array_file",
     "build_cifar100_lt",
     "build_cifar10_lt",
     "build_image_folder",

@@ -7,9 +7,9 @@ given, else the run's ``BuildContext.seed``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ibcore import BuildContext, Params, register_sampler
 
@@ -22,12 +22,52 @@ class SamplerParams(Params):
     seed: int | None = Field(None, description=_SEED_DESCRIPTION)
 
 
+EpochLength = Literal["train_split", "n_max_per_class"]
+
+
 class ClassBalancedParams(SamplerParams):
     q: float = Field(
         0.0,
         ge=0.0,
         le=1.0,
         description="Power of the class size: p_c ∝ n_c^q (0 class-balanced, 0.5 square-root, 1 instance-balanced).",
+    )
+    mechanics: Literal["independent", "class_aware"] = Field(
+        "independent",
+        description="independent: every draw picks a class from p_c, then a sample uniformly (with replacement); "
+        "class_aware: the official ClassAwareSampler of Kang et al. (classes in a reshuffled cycle, each class's "
+        "samples in their own reshuffled cycle; q must be 0).",
+    )
+    num_samples_cls: int = Field(
+        1,
+        ge=1,
+        description="class_aware only: consecutive samples taken from a class at each visit (official default 1; "
+        "Kang et al.'s cRT configs use 4).",
+    )
+    epoch_length: EpochLength | None = Field(
+        None,
+        description="Draws per epoch: train_split (N) or n_max_per_class (n_max · C); null: N for independent, "
+        "n_max · C for class_aware (the official sampler's length).",
+    )
+
+    @model_validator(mode="after")
+    def _class_aware_options(self) -> ClassBalancedParams:
+        if self.mechanics == "class_aware" and self.q != 0.0:
+            raise ValueError(
+                f"mechanics 'class_aware' visits every class equally often (q = 0), got q = {self.q}; "
+                "use mechanics 'independent' for q > 0"
+            )
+        if self.mechanics != "class_aware" and "num_samples_cls" in self.model_fields_set:
+            raise ValueError("num_samples_cls is only used with mechanics 'class_aware'")
+        return self
+
+
+class ProgressivelyBalancedParams(SamplerParams):
+    schedule: Literal["kang", "bagoftricks"] = Field(
+        "kang",
+        description="Official implementation followed: kang (λ_t = t/(T-1), sample from the class's random cycle; "
+        "facebookresearch/classifier-balancing) or bagoftricks (λ_t = (t+1)/T, sample uniformly; "
+        "zhangyongshun/BagofTricks-LT).",
     )
 
 
@@ -81,18 +121,23 @@ def build_class_balanced(params: ClassBalancedParams, context: BuildContext) -> 
     """Class-aware sampling with p_c ∝ n_c^q, then a uniform sample within the class (with replacement).
 
     q=0 draws every class equally often, q=0.5 is square-root sampling, q=1 matches the data.
+    mechanics 'class_aware' runs Kang et al.'s official ClassAwareSampler instead (class and sample cycles).
     """
-    from ib_plugins_builtin.samplers._streams import PowerClassSampler
+    from ib_plugins_builtin.samplers._streams import ClassCycleSampler, PowerClassSampler
 
-    return PowerClassSampler(context, _seed(params, context), params.q)
+    if params.mechanics == "class_aware":
+        return ClassCycleSampler(
+            context, _seed(params, context), params.num_samples_cls, params.epoch_length or "n_max_per_class"
+        )
+    return PowerClassSampler(context, _seed(params, context), params.q, params.epoch_length or "train_split")
 
 
-@register_sampler("progressively_balanced", SamplerParams, citation=_KANG)
-def build_progressively_balanced(params: SamplerParams, context: BuildContext) -> Any:
-    """Class distribution moving linearly from instance-balanced (epoch 0) to class-balanced (epoch T)."""
+@register_sampler("progressively_balanced", ProgressivelyBalancedParams, citation=_KANG)
+def build_progressively_balanced(params: ProgressivelyBalancedParams, context: BuildContext) -> Any:
+    """Class distribution moving linearly from instance-balanced (epoch 0) to class-balanced (the last epoch)."""
     from ib_plugins_builtin.samplers._streams import ProgressivelyBalancedSampler
 
-    return ProgressivelyBalancedSampler(context, _seed(params, context))
+    return ProgressivelyBalancedSampler(context, _seed(params, context), params.schedule)
 
 
 @register_sampler(
@@ -140,6 +185,7 @@ __all__ = [
     "ClassBalancedParams",
     "EffectiveNumberParams",
     "OversampleParams",
+    "ProgressivelyBalancedParams",
     "SamplerParams",
     "UndersampleParams",
 ]

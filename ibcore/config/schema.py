@@ -6,7 +6,7 @@ in a second pass (:mod:`ibcore.config.validation`), once the registry knows the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -56,8 +56,37 @@ class MixerSpec(ComponentSpec):
     """A registered mixer."""
 
 
+def _check_reference(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A published result: metric keys mapped to numbers, and a ``source`` saying where they come from."""
+    if value is None:
+        return None
+    source = value.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError("needs a 'source' saying where the published numbers come from (paper and table, or URL)")
+    metrics = {k: v for k, v in value.items() if k != "source"}
+    if not metrics:
+        raise ValueError("names no metric; give the published value of a results column, e.g. 'acc@1 (%)': 77.03")
+    for key, number in metrics.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != number:
+            raise ValueError(f"{key!r} must be a number (the published value), got {number!r}")
+    return {"source": source, **{k: float(v) for k, v in metrics.items()}}
+
+
+_REFERENCE_HELP = (
+    "Published result to show beside ours: metric keys of the results table (e.g. 'acc@1 (%)') mapped to the "
+    "published value, and 'source' (paper and table)."
+)
+
+
 class AdjustmentSpec(ComponentSpec):
     """A registered post-hoc adjustment."""
+
+    reference: dict[str, Any] | None = Field(None, description=_REFERENCE_HELP)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _check_reference(value)
 
 
 SPEC_KINDS: dict[type[ComponentSpec], str] = {
@@ -141,6 +170,34 @@ class StageConfig(_Strict):
         description="LWS: freeze the backbone (BatchNorm in eval mode) and the classifier, and learn one scale per "
         "class that multiplies the logits (initialised to 1).",
     )
+    train_classifier: bool = Field(
+        False,
+        description="Freeze the backbone and keep training the classifier as it is (not re-initialised); with "
+        "scale_classifier, the classifier and the scales learn together (MiSLAS stage 2).",
+    )
+    batchnorm: Literal["frozen", "update"] | None = Field(
+        None,
+        description="In a stage that freezes the backbone: 'frozen' (default) keeps BatchNorm in eval mode; 'update' "
+        "re-estimates its running statistics on the stage's batches while its weights stay frozen (MiSLAS's "
+        "shift learning, BagofTricks-LT's cRT).",
+    )
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def _check_seeds(value: list[int] | None) -> list[int] | None:
+    if value is not None:
+        repeated = sorted({s for s in value if value.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seeds must be unique; repeated: {', '.join(map(str, repeated))}")
+    return value
+
+
+_SEEDS_HELP = (
+    "Repeat the run once per seed (runs named 'NAME@seedN'); the repeats train together and the tables show "
+    "mean ± sample std over them."
+)
 
 
 class RunDefaults(_Strict):
@@ -162,6 +219,20 @@ class RunConfig(_Strict):
     posthoc: list[AdjustmentSpec] = Field(
         default_factory=list, description="Post-hoc adjustments; the run is also evaluated with each applied."
     )
+    seeds: list[Seed] | None = Field(
+        None, min_length=1, max_length=1000, description=_SEEDS_HELP + " Overrides the top-level seeds."
+    )
+    reference: dict[str, Any] | None = Field(None, description=_REFERENCE_HELP)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        return _check_seeds(value)
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _check_reference(value)
 
 
 def _default_evaluators() -> list[EvaluatorSpec]:
@@ -171,13 +242,19 @@ def _default_evaluators() -> list[EvaluatorSpec]:
 class Experiment(_Strict):
     """A whole experiment: data, trainer settings and the runs trained together."""
 
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of every run (unless seeds is given).")
+    seeds: list[Seed] | None = Field(None, min_length=1, max_length=1000, description=_SEEDS_HELP + " Replaces seed.")
     plugins: list[str] = Field(default_factory=list, description="Modules to import (trusted code).")
     data: DataConfig
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)  # type: ignore[arg-type]
     defaults: RunDefaults = Field(default_factory=RunDefaults)
     runs: list[RunConfig] = Field(min_length=1)
     evaluators: list[EvaluatorSpec] = Field(default_factory=_default_evaluators)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        return _check_seeds(value)
 
     def run(self, name: str) -> RunConfig:
         for run in self.runs:

@@ -5,6 +5,7 @@ Every problem is collected (never just the first) with its path, so ``ib validat
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from collections.abc import Iterator, Mapping
@@ -118,6 +119,13 @@ def _merge_defaults(experiment: Experiment) -> Experiment:
     return experiment.model_copy(update={"runs": runs})
 
 
+_CLASSIFIER_CONFLICT = {
+    "scale_classifier": "a run re-trains its classifier one way: retrain_classifier (cRT, a new classifier) "
+    "or scale_classifier (LWS, the trained classifier with a learned scale per class), not both",
+    "train_classifier": "retrain_classifier trains a new classifier, train_classifier the trained one: choose one",
+}
+
+
 def _cross_field_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
     """Mistakes that involve several fields, checked on the raw mapping so that a schema error
     elsewhere does not hide them."""
@@ -161,22 +169,26 @@ def _cross_field_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                 issues.append(
                     ConfigIssue(
                         f"runs[{i}].stages[{j}]",
-                        "the stage changes nothing; set loss, sampler, mixer, optimizer, retrain_classifier or "
-                        "scale_classifier",
+                        "the stage changes nothing; set loss, sampler, mixer, optimizer, retrain_classifier, "
+                        "scale_classifier or train_classifier",
                     )
                 )
-            for flag in ("retrain_classifier", "scale_classifier"):
+            for flag in ("retrain_classifier", "scale_classifier", "train_classifier"):
                 if _get(stage, flag) is True and flag not in classifier_stages:
+                    conflicted = "retrain_classifier" in classifier_stages and len(classifier_stages) > 1
                     classifier_stages.add(flag)
-                    if len(classifier_stages) == 2:  # said once, where the second way first appears
-                        issues.append(
-                            ConfigIssue(
-                                f"runs[{i}].stages[{j}].{flag}",
-                                "a run re-trains its classifier one way: retrain_classifier (cRT, a new classifier) "
-                                "or scale_classifier (LWS, the trained classifier with a learned scale per class), "
-                                "not both",
-                            )
-                        )
+                    conflicts = "retrain_classifier" in classifier_stages and len(classifier_stages) > 1
+                    if conflicts and not conflicted:  # said once, where the second way first appears
+                        other = "scale_classifier" if "scale_classifier" in classifier_stages else "train_classifier"
+                        issues.append(ConfigIssue(f"runs[{i}].stages[{j}].{flag}", _CLASSIFIER_CONFLICT[other]))
+            if _get(stage, "batchnorm") is not None and not classifier_stages:
+                issues.append(
+                    ConfigIssue(
+                        f"runs[{i}].stages[{j}].batchnorm",
+                        "applies only while the backbone is frozen: set retrain_classifier, scale_classifier or "
+                        "train_classifier in this stage or an earlier one",
+                    )
+                )
         adjustments = [_get(a, "name") for _, a in _items(run.get("posthoc"))]
         for j, adjustment in enumerate(adjustments):
             if isinstance(adjustment, str) and adjustment in adjustments[:j]:
@@ -226,6 +238,20 @@ def load_experiment(source: Any, *, overrides: list[str] | None = None) -> Exper
     return experiment
 
 
+def select_runs(experiment: Experiment, names: list[str], source: str | None = None) -> Experiment:
+    """The experiment with only the runs named in ``names`` (``ib run --only``), in the config's order."""
+    known = [run.name for run in experiment.runs]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        issues = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            issues.append(ConfigIssue("--only", f"no run is called {name!r}{hint} The runs: {', '.join(known)}"))
+        raise ConfigError(issues, source=source)
+    return experiment.model_copy(update={"runs": [run for run in experiment.runs if run.name in names]})
+
+
 def validate(source: Any, *, overrides: list[str] | None = None) -> list[ConfigIssue]:
     """Every issue in an experiment config; an empty list when it is valid."""
     try:
@@ -235,4 +261,4 @@ def validate(source: Any, *, overrides: list[str] | None = None) -> list[ConfigI
     return []
 
 
-__all__ = ["RunConfig", "import_plugins", "load_experiment", "validate"]
+__all__ = ["RunConfig", "import_plugins", "load_experiment", "select_runs", "validate"]

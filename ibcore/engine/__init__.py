@@ -14,6 +14,7 @@ import yaml
 
 from ibcore.config import load_experiment
 from ibcore.config.schema import Experiment
+from ibcore.config.validation import select_runs
 from ibcore.errors import IbError, TrainingError
 from ibcore.files import atomic_write_text
 
@@ -60,8 +61,14 @@ def run(
     overrides: list[str] | None = None,
     out_dir: str | Path | None = None,
     quiet: bool = False,
+    smoke: int | None = None,
+    only: list[str] | None = None,
 ) -> Any:
     """Validate ``source`` (path, mapping or Experiment) in full, then train all its runs together.
+
+    ``smoke=N`` trains only N batches of the first epoch, of each stage's first epoch and of the last one,
+    then evaluates once on N batches: every run and stage is exercised in seconds, the numbers mean nothing.
+    ``only`` keeps the runs with these names (the run directory's config.yaml then lists only those).
 
     Under ``torchrun`` every process calls this: rank 0 creates the run directory and tells the
     others its path. Returns :class:`~ibcore.engine.trainer.Results`: the run directory and one row per run.
@@ -70,6 +77,8 @@ def run(
         source if isinstance(source, Experiment) and not overrides else load_experiment(source, overrides=overrides)
     )
     name = Path(source).stem if isinstance(source, (str, Path)) else "experiment"
+    if only:
+        experiment = select_runs(experiment, only, source=str(source) if isinstance(source, (str, Path)) else None)
     config_dir = str(Path(source).resolve().parent) if isinstance(source, (str, Path)) else None
     # torch is imported only once the config is valid
     from ibcore.engine.distributed import init_distributed
@@ -87,7 +96,7 @@ def run(
     try:
         distributed.local_batch(experiment.data.batch_size)  # refuse an uneven split before writing anything
         run_dir = _on_rank_zero(distributed, prepare)
-        results = Trainer(experiment, run_dir, quiet=quiet, distributed=distributed).fit()
+        results = Trainer(experiment, run_dir, quiet=quiet, distributed=distributed, smoke=smoke).fit()
         distributed.barrier()  # no rank leaves the group while another still uses it (rank 0 writes the tables)
         return results
     finally:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -46,8 +47,8 @@ def fusion_blocker(run: RunState) -> str | None:
     for group in optimizer.param_groups:
         if group.get("dampening", 0) != 0 or group.get("maximize", False):
             return "SGD with dampening or maximize"
-    if run.specs.retrain_classifier or run.specs.scale_classifier:
-        return "classifier re-training (cRT or LWS) freezes part of the model"
+    if run.specs.backbone_frozen:
+        return "classifier re-training (cRT, LWS) freezes part of the model"
     if run.mixer is not None and getattr(run.mixer, "mixes_hidden", False):
         return "the mixer mixes hidden activations"
     return None
@@ -232,7 +233,7 @@ class FusedTrainer:
         nothing this epoch: its whole step is then replayed from a graph instead of launched kernel by kernel.
         """
         self.groups = []
-        candidates: dict[tuple[str, str, bool], list[RunState]] = defaultdict(list)
+        candidates: dict[tuple[str, tuple[str, int], bool], list[RunState]] = defaultdict(list)
         for run in runs:
             assert run.specs is not None
             blocker = fusion_blocker(run)
@@ -244,7 +245,8 @@ class FusedTrainer:
             # With graphs, runs that cannot replay one (a mixer draws a new batch per run and step; a loss that
             # does not declare itself a pure function of its tensors) are stacked apart: the others keep theirs.
             eager_only = self.graphs and (_mixes([run], epoch) or not _graph_safe_loss(run))
-            candidates[(spec_key(run.config.backbone), spec_key(run.specs.sampler), eager_only)].append(run)
+            # Runs of every seed whose batches come in lockstep (the same sampler, equally long epochs) stack.
+            candidates[(spec_key(run.config.backbone), self.trainer.lane_of(run), eager_only)].append(run)
         for (_, _, eager_only), members in candidates.items():
             if len(members) == 1 and (not self.graphs or eager_only or members[0].name in self.ungraphable):
                 continue
@@ -299,19 +301,20 @@ class FusedTrainer:
     def step(
         self,
         members: list[RunState],
-        x: torch.Tensor,
-        y: torch.Tensor,
+        batch_of: dict[str, tuple[torch.Tensor, torch.Tensor]],
         epoch: int,
         step: int,
         iters: int,
         generators: dict[str, torch.Generator],
     ) -> set[str]:
-        """Train every fused group whose runs are in ``members``; return the names it handled."""
+        """Train every fused group whose runs are in ``members``, each run on its own batch ``batch_of[name]``
+        (runs of one seed share one); return the names it handled."""
         handled: set[str] = set()
         names = {run.name for run in members}
         for group in list(self.groups):
             if not all(run.name in names for run in group.runs):
                 continue
+            x, y = _group_batch(group, batch_of)
             if group.verified:
                 self._step_group(group, x, y, epoch, step, iters, generators)
             else:
@@ -337,23 +340,24 @@ class FusedTrainer:
     def _step_group(
         self,
         group: _Group,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: _Batch,
+        y: _Batch,
         epoch: int,
         step: int,
         iters: int,
         generators: dict[str, torch.Generator],
     ) -> None:
+        """One step of ``group``: ``x``, ``y`` are one batch for every run, or (K, N, ...) with one per run."""
         plans: list[Any] = []
-        for run in group.runs:
+        for k, run in enumerate(group.runs):
             run.set_lr(epoch, step, iters)
             mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
             if mixer is None:
                 plans.append(None)
                 continue
-            plan = mixer.plan(x, y, generators[run.name])
-            plan.permutation = plan.permutation.to(x.device)
-            plan.target_weight = plan.target_weight.to(device=x.device, dtype=torch.float32)
+            plan = mixer.plan(x.of(k), y.of(k), generators[run.name])
+            plan.permutation = plan.permutation.to(x.tensor.device)
+            plan.target_weight = plan.target_weight.to(device=x.tensor.device, dtype=torch.float32)
             plans.append((mixer, plan))
         group.load_lrs()
         losses: Any
@@ -366,7 +370,7 @@ class FusedTrainer:
         ):
             losses = self._graph_step(group, x, y)
         else:
-            losses = self._shared_step(group, x, y)
+            losses = self._plain_step(group, x, y)
         for k, run in enumerate(group.runs):
             run.record_loss(losses[k], step)
 
@@ -375,45 +379,47 @@ class FusedTrainer:
         device = self.trainer.device.type
         return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.trainer.bf16, cache_enabled=False)
 
-    def _shared_step(self, group: _Group, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward, each run's loss, backward and SGD update with one batch for all runs; the (K,) losses."""
+    def _plain_step(self, group: _Group, x: _Batch, y: _Batch) -> torch.Tensor:
+        """Forward, each run's loss, backward and SGD update; the (K,) losses."""
         with self._autocast():
-            logits = full_precision(group.forward(x, shared=True))
-        losses = torch.stack([run.loss(logits[k], y) for k, run in enumerate(group.runs)])
+            logits = full_precision(group.forward(x.tensor, shared=x.shared))
+        losses = torch.stack([run.loss(logits[k], y.of(k)) for k, run in enumerate(group.runs)])
         losses.sum().backward()
         group.sgd_step()
         return losses.detach()
 
-    def _mixed_step(self, group: _Group, x: torch.Tensor, y: torch.Tensor, plans: list[Any]) -> list[torch.Tensor]:
-        """As :meth:`_shared_step`, with each mixing run's own mixed inputs and two-target loss."""
+    def _mixed_step(self, group: _Group, x: _Batch, y: _Batch, plans: list[Any]) -> list[torch.Tensor]:
+        """As :meth:`_plain_step`, with each mixing run's own mixed inputs and two-target loss."""
         with self._autocast():
-            inputs = torch.stack([x if p is None else p[0].mix(x, p[1]) for p in plans])
+            inputs = torch.stack([x.of(k) if p is None else p[0].mix(x.of(k), p[1]) for k, p in enumerate(plans)])
             logits = full_precision(group.forward(inputs, shared=False))
         losses = []
         for k, run in enumerate(group.runs):
+            targets = y.of(k)
             if plans[k] is None:
-                losses.append(run.loss(logits[k], y))
+                losses.append(run.loss(logits[k], targets))
             else:
                 plan = plans[k][1]
                 losses.append(
-                    run.loss(logits[k], y, plan.target_weight)
-                    + run.loss(logits[k], y[plan.permutation], 1.0 - plan.target_weight)
+                    run.loss(logits[k], targets, plan.target_weight)
+                    + run.loss(logits[k], targets[plan.permutation], 1.0 - plan.target_weight)
                 )
         torch.stack(losses).sum().backward()
         group.sgd_step()
         return [loss.detach() for loss in losses]
 
-    def _graph_step(self, group: _Group, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The shared step replayed from a CUDA graph: one warm-up step, then a capture, then replays."""
+    def _graph_step(self, group: _Group, x: _Batch, y: _Batch) -> torch.Tensor:
+        """The plain step replayed from a CUDA graph: one warm-up step, then a capture, then replays."""
         if group.graph is None and not group.warm:
             # Capture needs the step to have run once on a side stream (cuDNN autotuning, lazy initialisation).
-            with _side_stream(x.device):
-                losses = self._shared_step(group, x, y)
+            with _side_stream(x.tensor.device):
+                losses = self._plain_step(group, x, y)
             group.warm = True
             return losses
         if group.graph is None:
             try:
-                group.graph = _CapturedStep(lambda gx, gy: self._shared_step(group, gx, gy), x, y)
+                step = lambda gx, gy: self._plain_step(group, _Batch(gx, x.shared), _Batch(gy, y.shared))  # noqa: E731
+                group.graph = _CapturedStep(step, x.tensor, y.tensor)
             except RuntimeError as exc:  # e.g. a loss that reads a value back to the host
                 group.capture_failed = True
                 for parameter in group.params.values():
@@ -425,9 +431,30 @@ class FusedTrainer:
                     f"CUDA graphs: the step of {', '.join(r.name for r in group.runs)} cannot be captured; "
                     f"it runs kernel by kernel ({type(exc).__name__}: {reason})"
                 )
-                return self._shared_step(group, x, y)
+                return self._plain_step(group, x, y)
         self.graph_replays += 1
-        return group.graph.replay(x, y)
+        return group.graph.replay(x.tensor, y.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """A group's inputs or targets: one tensor for all its runs (``shared``), or (K, N, ...) with one per run
+    (runs of several seeds draw their own batches)."""
+
+    tensor: torch.Tensor
+    shared: bool
+
+    def of(self, k: int) -> torch.Tensor:
+        """Run ``k``'s batch."""
+        return self.tensor if self.shared else self.tensor[k]
+
+
+def _group_batch(group: _Group, batch_of: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[_Batch, _Batch]:
+    """The inputs and targets of ``group``'s runs: shared when they are one batch, else stacked."""
+    batches = [batch_of[run.name] for run in group.runs]
+    if all(batch is batches[0] for batch in batches):
+        return _Batch(batches[0][0], True), _Batch(batches[0][1], True)
+    return _Batch(torch.stack([b[0] for b in batches]), False), _Batch(torch.stack([b[1] for b in batches]), False)
 
 
 def _graph_safe_loss(run: RunState) -> bool:
@@ -476,9 +503,11 @@ class _CapturedStep:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.losses: torch.Tensor = step(self.x, self.y)
 
-    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+    def fits(self, x: _Batch, y: _Batch) -> bool:
         """Whether a batch can go through the graph (same shape and layout: not a last, smaller batch)."""
-        return x.shape == self.x.shape and x.stride() == self.x.stride() and y.shape == self.y.shape
+        return (
+            x.tensor.shape == self.x.shape and x.tensor.stride() == self.x.stride() and y.tensor.shape == self.y.shape
+        )
 
     def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)

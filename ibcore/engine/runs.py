@@ -11,6 +11,7 @@ import torch
 from ibcore.build import build
 from ibcore.config.schema import ComponentSpec, RunConfig
 from ibcore.context import BuildContext
+from ibcore.engine.repeats import Repeat
 from ibcore.engine.seeding import derive_seed
 
 DEFAULT_SAMPLER = ComponentSpec(name="instance")
@@ -35,13 +36,19 @@ class EffectiveSpecs:
     retrain_classifier: bool
     stage_index: int  # -1 before any stage
     scale_classifier: bool = False  # LWS
+    train_classifier: bool = False  # the backbone frozen, the classifier trained on (with LWS: MiSLAS)
+    update_batchnorm: bool = False  # a frozen backbone's BatchNorm re-estimates its running statistics
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.retrain_classifier or self.scale_classifier or self.train_classifier
 
 
 def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
     """The components of ``run`` in ``epoch``: later stages override only the fields they set."""
     assert run.loss is not None and run.optimizer is not None
     loss, sampler, mixer, optimizer = run.loss, run.sampler or DEFAULT_SAMPLER, run.mixer, run.optimizer
-    optimizer_from, retrain, scale, index = 0, False, False, -1
+    optimizer_from, retrain, scale, train, batchnorm, index = 0, False, False, False, "frozen", -1
     for i, stage in enumerate(run.stages):
         if stage.from_epoch > epoch:
             break
@@ -59,7 +66,13 @@ def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
             retrain = True
         if stage.scale_classifier:
             scale = True
-    return EffectiveSpecs(loss, sampler, mixer, optimizer, optimizer_from, retrain, index, scale)
+        if stage.train_classifier:
+            train = True
+        if stage.batchnorm is not None:
+            batchnorm = stage.batchnorm
+    return EffectiveSpecs(
+        loss, sampler, mixer, optimizer, optimizer_from, retrain, index, scale, train, batchnorm == "update"
+    )
 
 
 def _scale_logits(classifier: torch.nn.Module, inputs: Any, logits: torch.Tensor) -> torch.Tensor:
@@ -83,16 +96,19 @@ def add_class_scale(model: torch.nn.Module) -> None:
 class RunState:
     """A run's model, loss, optimizer, mixer and evaluators, rebuilt when a stage starts."""
 
-    def __init__(self, config: RunConfig, context: BuildContext, seed: int, device: torch.device) -> None:
+    def __init__(self, repeat: Repeat, context: BuildContext, device: torch.device) -> None:
+        config = repeat.config
+        self.repeat = repeat
         self.config = config
-        self.name = config.name
-        self.context = context
-        self.seed = seed
+        self.name = repeat.name  # "ce", or "ce@seed1" for a repeat
+        self.method = repeat.method  # "ce": what its random draws are named by, so a repeat equals a lone run
+        self.context = context  # its seed's data, and context.seed == seed
+        self.seed = repeat.seed
         self.device = device
         assert config.backbone is not None
         # Runs with the same backbone spec start from identical weights, whatever their order.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "init", spec_key(config.backbone)))
+            torch.manual_seed(derive_seed(self.seed, "init", spec_key(config.backbone)))
             self.model: torch.nn.Module = build(
                 "backbone", config.backbone.name, config.backbone.params, context=context
             )
@@ -130,6 +146,7 @@ class RunState:
         if starts_retrain and transition:
             self._reset_classifier(epoch)
         starts_scaling = specs.scale_classifier and (previous is None or not previous.scale_classifier)
+        starts_training = specs.train_classifier and (previous is None or not previous.train_classifier)
         if specs.scale_classifier:
             # Also when resuming (transition=False): the checkpoint holds the scale, so it must exist first.
             add_class_scale(self.model)
@@ -140,6 +157,7 @@ class RunState:
             or specs.optimizer_from_epoch != previous.optimizer_from_epoch
             or starts_retrain
             or starts_scaling
+            or starts_training
         )
         if new_optimizer:
             horizon = context.replace(epochs=epochs - specs.optimizer_from_epoch)
@@ -154,25 +172,26 @@ class RunState:
         stream stands: the same in one process or under torchrun, whatever ran before."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(derive_seed(self.seed, "reset_classifier", self.name, epoch))
+            torch.manual_seed(derive_seed(self.seed, "reset_classifier", self.method, epoch))
             self.model.reset_classifier()  # type: ignore[operator]
 
     def _freeze(self, specs: EffectiveSpecs) -> None:
-        """cRT trains the classifier only, LWS the per-class scale only; otherwise everything trains."""
+        """cRT trains the classifier only, LWS the per-class scale only (MiSLAS both); otherwise everything trains."""
         classifier: torch.nn.Module = self.model.classifier  # type: ignore[assignment]
-        if specs.scale_classifier:
+        if specs.scale_classifier and not specs.train_classifier:
             trainable = {id(classifier.get_parameter("class_scale"))}
-        elif specs.retrain_classifier:
-            trainable = {id(p) for p in classifier.parameters()}
+        elif specs.backbone_frozen:
+            trainable = {id(p) for p in classifier.parameters()}  # with LWS, class_scale is one of them
         else:
             trainable = {id(p) for p in self.model.parameters()}
         for parameter in self.model.parameters():
             parameter.requires_grad_(id(parameter) in trainable)
 
     def train_mode(self) -> None:
-        """Train mode; during classifier re-training (cRT, LWS) the backbone's BatchNorm statistics stay frozen."""
+        """Train mode; while the backbone is frozen (cRT, LWS) its BatchNorm statistics stay frozen too, unless
+        the stage re-estimates them (``batchnorm: update``: train mode, but no parameter of the backbone learns)."""
         assert self.specs is not None
-        if self.specs.retrain_classifier or self.specs.scale_classifier:
+        if self.specs.backbone_frozen and not self.specs.update_batchnorm:
             self.model.eval()
             self.model.classifier.train()  # type: ignore[union-attr]
         else:
@@ -186,7 +205,7 @@ class RunState:
 
     def mixer_generator(self, epoch: int) -> torch.Generator:
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(derive_seed(self.seed, "mixer", self.name, epoch))
+        generator.manual_seed(derive_seed(self.seed, "mixer", self.method, epoch))
         return generator
 
     # -- bookkeeping ----------------------------------------------------------------------------

@@ -13,12 +13,14 @@ import dataclasses
 import functools
 import gc
 import inspect
+import itertools
 import json
 import math
 import platform
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from ibcore.build import build
 from ibcore.config.schema import Experiment
 from ibcore.context import BuildContext
 from ibcore.engine import checkpoint as ckpt
-from ibcore.engine.batches import DeviceData, LoaderData, make_data
+from ibcore.engine.batches import DeviceData, LoaderData
 from ibcore.engine.distributed import (
     Distributed,
     check_resume_world,
@@ -41,13 +43,16 @@ from ibcore.engine.distributed import (
     eval_indices,
     rank_indices,
 )
+from ibcore.engine.experiment_data import load_data
 from ibcore.engine.fused import FusedTrainer, full_precision
 from ibcore.engine.progress import ProgressDisplay
+from ibcore.engine.repeats import all_seeds, expand_runs
 from ibcore.engine.runs import RunState, effective_specs, spec_key
 from ibcore.engine.seeding import derive_seed
 from ibcore.errors import BuildError, ConfigError, ConfigIssue, ContextError, DataError, TrainingError
 from ibcore.report import read_metrics, write_plots, write_tables
-from ibcore.report.tables import console_table
+from ibcore.report.summary import summarise
+from ibcore.report.tables import console_table, metric_columns
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,6 +77,11 @@ class Results:
             if row["run"] == run:
                 return row
         raise KeyError(run)
+
+    @property
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per method: every metric as mean, sample std and n over its seeds (see ``ibcore.report.summary``)."""
+        return summarise(self.rows)
 
 
 class _SilentDisplay(ProgressDisplay):
@@ -111,12 +121,15 @@ class Trainer:
         *,
         quiet: bool = False,
         distributed: Distributed | None = None,
+        smoke: int | None = None,
     ) -> None:
         self.experiment = experiment
+        self.smoke = smoke  # a smoke run: this many batches in each epoch of smoke_epochs(), one evaluation
         self.run_dir = run_dir
         self.quiet = quiet
         self.experiment_source = _config_source(run_dir)
-        self.seed = experiment.seed
+        # The seed of what the runs share (torch's global stream, re-seeded every epoch): the first seed.
+        self.seed = experiment.seeds[0] if experiment.seeds else experiment.seed
         self.epochs = experiment.trainer.epochs
         self.dist = distributed or Distributed(mode=experiment.trainer.distributed.mode)
         self.device = (
@@ -130,38 +143,25 @@ class Trainer:
         self.batch_size = experiment.data.batch_size  # the global batch
         self.local_batch = self.dist.local_batch(self.batch_size)  # this rank's share under data_parallel
 
-        torch.manual_seed(derive_seed(self.seed, "dataset"))
-        dataset_spec = experiment.data.dataset
         base = BuildContext(
             epochs=self.epochs, device=str(self.device), seed=self.seed, batch_size=experiment.data.batch_size
         )
-        self.dataset = build("dataset", dataset_spec.name, dataset_spec.params, context=base)
-        train = self.dataset.train
-        self.num_classes = int(self.dataset.num_classes)
-        counts = [int(c) for c in train.class_counts]
-        if len(counts) != self.num_classes:
-            raise DataError(
-                f"dataset {dataset_spec.name!r} reports {len(counts)} class counts for {self.num_classes} classes"
-            )
-        empty = [c for c, n in enumerate(counts) if n == 0]
-        if empty:
-            raise DataError(f"dataset {dataset_spec.name!r}: classes {empty} have no training images")
-        self.context = base.replace(num_classes=self.num_classes, class_counts=tuple(counts), targets=train.targets)
-        mode = experiment.trainer.data_on_device
-        workers = experiment.data.num_workers
-        split_of = f"the {{}} split of dataset {dataset_spec.name!r}"
-        self.train_data = make_data(train, self.device, mode, workers, split_of.format("training"))
-        self.test_data = make_data(self.dataset.test, self.device, mode, workers, split_of.format("test"))
-        val = getattr(self.dataset, "val", None)
-        self.val_data = None
-        if val is not None:
-            self.val_data = make_data(val, self.device, mode, workers, split_of.format("validation"))
-        where = "on the device, augmented there" if isinstance(self.train_data, DeviceData) else "via a DataLoader"
+        self.repeats = expand_runs(experiment)
+        self.data = load_data(experiment, all_seeds(experiment), self.device, base)
+        first = next(iter(self.data.values()))
+        self.context = first.context  # what every seed's data has in common: num_classes, class counts
+        self.num_classes = first.num_classes
+        where = "on the device, augmented there" if isinstance(first.train, DeviceData) else "via a DataLoader"
+        builds = len({id(data) for data in self.data.values()})
+        per_seed = f" (a subset drawn per seed: {builds} draws)" if builds > 1 else ""
         self.display.log(
-            f"data: {len(self.train_data)} training images {where}; {self.num_classes} classes; class counts {counts}"
+            f"data: {len(first.train)} training images {where}{per_seed}; {self.num_classes} classes; "
+            f"class counts {first.class_counts}"
         )
-
-        self.runs = [RunState(run, self.context, self.seed, self.device) for run in experiment.runs]
+        self.runs = [
+            RunState(repeat, self.data[repeat.seed].context.replace(seed=repeat.seed), self.device)
+            for repeat in self.repeats
+        ]
         self._preflight()
         if experiment.trainer.channels_last:
             # Faster convolutions on GPUs (tensor cores) and CPUs (oneDNN): 1.4-1.7x for small_cnn on 2 cores.
@@ -170,7 +170,7 @@ class Trainer:
         if experiment.trainer.compile:
             for run in self.runs:
                 run.model.compile()  # in place: state_dict keys, checkpoints and hooks stay as they are
-        self.samplers: dict[str, Any] = {}
+        self.samplers: dict[tuple[int, str], Any] = {}  # (seed, sampler spec) -> sampler
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}
         self.start_epoch = 0
@@ -250,11 +250,12 @@ class Trainer:
 
     # -- samplers and batching ------------------------------------------------------------------
 
-    def sampler(self, spec: Any) -> Any:
-        """The sampler built from ``spec`` (one per distinct spec, shared by the runs that name it)."""
-        key = spec_key(spec)
+    def sampler(self, run: RunState, spec: Any) -> Any:
+        """The sampler built from ``spec`` for ``run``'s seed (one per distinct seed and spec, shared by the
+        runs that name it)."""
+        key = (run.seed, spec_key(spec))
         if key not in self.samplers:
-            self.samplers[key] = build("sampler", spec.name, spec.params, context=self.context)
+            self.samplers[key] = build("sampler", spec.name, spec.params, context=run.context)
         return self.samplers[key]
 
     def iters_per_epoch(self, sampler: Any) -> int:
@@ -266,7 +267,7 @@ class Trainer:
         changed = set()
         for run in self.active_runs():
             # The sampler decides the epoch length, which per-iteration schedules need.
-            sampler = self.sampler(effective_specs(run.config, epoch).sampler)
+            sampler = self.sampler(run, effective_specs(run.config, epoch).sampler)
             if run.configure(epoch, self.epochs, self.iters_per_epoch(sampler), transition):
                 changed.add(run.name)
         return changed
@@ -357,50 +358,87 @@ class Trainer:
 
     # -- epochs ----------------------------------------------------------------------------------
 
+    def lane_of(self, run: RunState) -> tuple[str, int]:
+        """The runs whose batches come in lockstep: the same sampler spec, epochs equally long (any seed)."""
+        assert run.specs is not None
+        key = spec_key(run.specs.sampler)
+        return key, self.iters_per_epoch(self.samplers[(run.seed, key)])
+
     def train_epoch(self, epoch: int) -> None:
-        groups: dict[str, list[RunState]] = defaultdict(list)
+        # Runs of one seed and one sampler draw the same batches. Such groups whose epochs are equally long
+        # (the same sampler at other seeds) step in lockstep, so the fused path can stack the runs of every seed.
+        groups: dict[tuple[int, str], list[RunState]] = defaultdict(list)
         for run in self.own_active_runs():
             assert run.specs is not None
-            groups[spec_key(run.specs.sampler)].append(run)
+            groups[(run.seed, spec_key(run.specs.sampler))].append(run)
+        lanes: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
+        for (seed, key), members in groups.items():
+            lanes[self.lane_of(members[0])].append((seed, key))
         drop_last = self.experiment.data.drop_last
-        total = sum(self.iters_per_epoch(self.samplers[key]) for key in groups)
-        self.display.start_epoch(epoch, self.epochs, total)
+        self.display.start_epoch(epoch, self.epochs, sum(iters for _, iters in lanes))
         # Under data_parallel each rank draws its own dropout masks (and DataLoader augmentation).
         rank, world = (self.dist.rank, self.dist.world_size) if self.dist.splits_batches else (0, 1)
         per_rank = ("rank", rank) if world > 1 else ()
         torch.manual_seed(derive_seed(self.seed, "epoch", epoch, *per_rank))
         for run in self.own_active_runs():
             run.train_mode()  # evaluation left the models in eval mode
-        on_device = isinstance(self.train_data, DeviceData)
-        for key, members in groups.items():
-            sampler = self.samplers[key]
-            order = sampler.indices(epoch)
-            iters = self.iters_per_epoch(sampler)
-            if world > 1:
-                order = rank_indices(order, rank, world, self.batch_size, drop_last)
-            dump_indices(self.dist.rank, epoch, key, order)
-            data_generator = torch.Generator(device=self.device if on_device else "cpu")
-            # Device augmentation draws for the whole global batch on every rank (same seed); see augment_batch.
-            data_generator.manual_seed(derive_seed(self.seed, "augment", key, epoch, *([] if on_device else per_rank)))
+        for (key, iters), lane in lanes.items():
+            members = [run for group in lane for run in groups[group]]
+            streams = [self._batches(epoch, seed, key, (rank, world), drop_last) for seed, key in lane]
             mixer_generators = {run.name: run.mixer_generator(epoch) for run in members}
-            batches = self.train_data.iterate(order, self.local_batch, data_generator, True, drop_last, (rank, world))
-            for step, (x, y) in enumerate(batches):
-                if self.experiment.trainer.channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                handled = self.fused.step(members, x, y, epoch, step, iters, mixer_generators) if self.fused else set()
+            for step, lane_batches in enumerate(itertools.islice(zip(*streams, strict=True), self.smoke)):
+                batch_of = {
+                    run.name: batch for group, batch in zip(lane, lane_batches, strict=True) for run in groups[group]
+                }
+                handled = (
+                    self.fused.step(members, batch_of, epoch, step, iters, mixer_generators) if self.fused else set()
+                )
                 for run in members:
                     if run.name not in handled:
-                        try:
-                            self.train_step(run, x, y, epoch, step, iters, mixer_generators[run.name])
-                        except ValueError as exc:
-                            if "more than 1 value per channel" not in str(exc):
-                                raise
-                            raise TrainingError(
-                                f"run {run.name!r}, epoch {epoch}, batch {step}: a batch of {len(y)} sample cannot "
-                                "go through BatchNorm in training; set data.drop_last: true (or change "
-                                "data.batch_size) so the last batch is not a single sample"
-                            ) from exc
-                self.display.advance(len(y) * world)
+                        x, y = batch_of[run.name]
+                        self._train_step_checked(run, x, y, epoch, step, iters, mixer_generators[run.name])
+                self.display.advance(sum(len(batch[1]) for batch in lane_batches) * world)
+
+    def _batches(
+        self, epoch: int, seed: int, key: str, shard: tuple[int, int], drop_last: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches of ``epoch`` for the runs of ``seed`` whose sampler spec is ``key``."""
+        rank, world = shard
+        order = self.samplers[(seed, key)].indices(epoch)
+        if world > 1:
+            order = rank_indices(order, rank, world, self.batch_size, drop_last)
+        dump_indices(self.dist.rank, epoch, key, order)
+        data = self.data[seed].train
+        on_device = isinstance(data, DeviceData)
+        generator = torch.Generator(device=self.device if on_device else "cpu")
+        # Device augmentation draws for the whole global batch on every rank (same seed); see augment_batch.
+        per_rank = ("rank", rank) if world > 1 and not on_device else ()
+        generator.manual_seed(derive_seed(seed, "augment", key, epoch, *per_rank))
+        for x, y in data.iterate(order, self.local_batch, generator, True, drop_last, shard):
+            if self.experiment.trainer.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
+    def _train_step_checked(
+        self,
+        run: RunState,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epoch: int,
+        step: int,
+        iters: int,
+        generator: torch.Generator,
+    ) -> None:
+        try:
+            self.train_step(run, x, y, epoch, step, iters, generator)
+        except ValueError as exc:
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            raise TrainingError(
+                f"run {run.name!r}, epoch {epoch}, batch {step}: a batch of {len(y)} sample cannot "
+                "go through BatchNorm in training; set data.drop_last: true (or change "
+                "data.batch_size) so the last batch is not a single sample"
+            ) from exc
 
     def fit(self) -> Results:
         # Batch shapes are fixed, so cuDNN's autotuned convolution algorithms pay off (LDAM-DRW's code sets it
@@ -415,7 +453,15 @@ class Trainer:
     def _fit(self) -> Results:
         trainer_cfg = self.experiment.trainer
         self._write_meta()
-        for epoch in range(self.start_epoch, self.epochs):
+        epochs = range(self.start_epoch, self.epochs)
+        if self.smoke is not None:
+            epochs = [epoch for epoch in smoke_epochs(self.experiment) if epoch >= self.start_epoch]  # type: ignore[assignment]
+            shown = ", ".join(str(epoch + 1) for epoch in epochs)
+            self.display.log(
+                f"[yellow]smoke run: epochs {shown} of {self.epochs} (the first, each stage's first, the last), "
+                f"{self.smoke} batches each, one evaluation on {self.smoke} batches; its numbers mean nothing[/yellow]"
+            )
+        for epoch in epochs:
             started = time.perf_counter()
             changed = self._configure_runs(epoch, transition=True)
             if self.dist.splits_batches:
@@ -434,9 +480,10 @@ class Trainer:
             seconds = time.perf_counter() - started
             self._end_epoch(epoch, seconds)
             last = epoch + 1 == self.epochs
-            if (epoch + 1) % trainer_cfg.eval_every == 0 or last:
+            scheduled = self.smoke is None
+            if last or scheduled and (epoch + 1) % trainer_cfg.eval_every == 0:
                 self.evaluate(epoch)
-            if (epoch + 1) % trainer_cfg.checkpoint_every == 0 or last:
+            if last or scheduled and (epoch + 1) % trainer_cfg.checkpoint_every == 0:
                 self.save(epoch + 1)
             if not self.active_runs():
                 self.display.log("every run has failed; stopping")
@@ -475,7 +522,7 @@ class Trainer:
                 self.display.log(f"[red]run {run.name!r} stopped: {run.failed}[/red]; the other runs go on")
             self._append_metrics(line)
             losses.append(f"{run.name}={mean:.4f}")
-        images = sum(len(self.samplers[k]) for k in {spec_key(r.specs.sampler) for r in self.runs if r.specs})
+        images = sum(len(self.samplers[k]) for k in {(r.seed, spec_key(r.specs.sampler)) for r in self.runs if r.specs})
         self.display.end_epoch(
             epoch,
             self.epochs,
@@ -493,15 +540,15 @@ class Trainer:
         the blocks are gathered in order, so every rank's evaluators see the whole split once, in the
         same batches as a single process.
         """
-        variants: dict[str, tuple[Any, list[Any]]] = {run.name: (None, self._evaluators())}
+        variants: dict[str, tuple[Any, list[Any]]] = {run.name: (None, self._evaluators(run))}
         for spec in run.config.posthoc:
-            adjustment = build("adjustment", spec.name, spec.params, context=self.context)
-            variants[f"{run.name}+{spec.name}"] = (adjustment, self._evaluators())
+            adjustment = build("adjustment", spec.name, spec.params, context=run.context)
+            variants[run.repeat.variant(spec.name)] = (adjustment, self._evaluators(run))
         model = run.model
         model.eval()
         eval_batch = self.experiment.data.eval_batch_size or 2 * self.batch_size
         if not self.dist.splits_batches:
-            order = np.arange(len(data), dtype=np.int64)
+            order = np.arange(len(data) if self.smoke is None else min(len(data), self.smoke * eval_batch))
             for outputs, y in self._variant_logits(model, variants, data, order, eval_batch):
                 for name, (_, evaluators) in variants.items():
                     for evaluator in evaluators:
@@ -552,17 +599,18 @@ class Trainer:
             }
             yield outputs, y
 
-    def _evaluators(self) -> list[Any]:
-        return [build("evaluator", e.name, e.params, context=self.context) for e in self.experiment.evaluators]
+    def _evaluators(self, run: RunState) -> list[Any]:
+        return [build("evaluator", e.name, e.params, context=run.context) for e in self.experiment.evaluators]
 
     def evaluate(self, epoch: int) -> None:
         results: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}  # run -> (split, variant, metrics)
         for run in self.active_runs():
             if run.name not in self.own:
                 continue  # runs_parallel: its owner evaluates it
-            entries = [("test", variant, m) for variant, m in self._evaluate_split(run, self.test_data).items()]
-            if self.val_data is not None:
-                entries += [("val", variant, m) for variant, m in self._evaluate_split(run, self.val_data).items()]
+            data = self.data[run.seed]
+            entries = [("test", variant, m) for variant, m in self._evaluate_split(run, data.test).items()]
+            if data.val is not None:
+                entries += [("val", variant, m) for variant, m in self._evaluate_split(run, data.val).items()]
             results[run.name] = entries
         if self.dist.splits_runs:
             for part in self.dist.all_gather_object(results):
@@ -611,9 +659,11 @@ class Trainer:
             if self.device.type == "cuda"
             else platform.processor(),
             "seed": self.seed,
+            "seeds": all_seeds(self.experiment),
             "num_classes": self.num_classes,
             "class_counts": list(self.context.class_counts or ()),
             "fused_groups": self.fused.describe() if self.fused else [],
+            "smoke": self.smoke,
             "distributed": self.dist.describe(),
         }
         ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
@@ -690,7 +740,7 @@ class Trainer:
             saved = state["runs"][run.name]
             run.failed = saved["failed"]
             # Components as they were in the last finished epoch; the next epoch performs any stage start.
-            sampler = self.sampler(effective_specs(run.config, epoch - 1).sampler)
+            sampler = self.sampler(run, effective_specs(run.config, epoch - 1).sampler)
             run.configure(epoch - 1, self.epochs, self.iters_per_epoch(sampler), transition=False)
             run.model.load_state_dict(saved["model"])
             if run.optimizer is not None and saved["optimizer"]:
@@ -710,31 +760,64 @@ class Trainer:
         self._write_meta()
         rows, best_rows = [], []
         for run in self.runs:
-            variants = [run.name] + [f"{run.name}+{spec.name}" for spec in run.config.posthoc]
-            for variant in variants:
+            variants = [(None, run.config.reference)] + [(spec.name, spec.reference) for spec in run.config.posthoc]
+            for adjustment, reference in variants:
+                variant = run.repeat.variant(adjustment)
                 evals = [m for m in self.history if m.get("split") == "test" and m.get("run") == variant]
                 row: dict[str, Any] = {
                     "run": variant,
+                    "method": run.method if adjustment is None else f"{run.method}+{adjustment}",
+                    "seed": run.seed,
                     "status": "ok" if run.failed is None else f"failed: {run.failed}",
                 }
                 if evals:
                     last = evals[-1]
                     row["epoch"] = last["epoch"] + 1
                     row.update({k: v for k, v in last.items() if k not in ("split", "run", "epoch")})
+                if reference:
+                    row["reference"] = reference
                 rows.append(row)
                 if variant in self.best:
                     best = self.best[variant]
-                    best_rows.append(
-                        {"run": variant, "status": row["status"], "epoch": best["epoch"] + 1, **best["test"]}
-                    )
+                    best_row = {k: row[k] for k in ("run", "method", "seed", "status")}
+                    best_row.update({"epoch": best["epoch"] + 1, **best["test"]})
+                    if reference:
+                        best_row["reference"] = reference
+                    best_rows.append(best_row)
+        self._check_references(rows)
         if not self.dist.is_main:
             return Results(self.run_dir, rows, best_rows)
         write_tables(self.run_dir, rows, best_rows)
         write_plots(
             self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), rows, list(self.context.class_counts or ())
         )
-        self.display.print(console_table(rows, title=f"results after {self.epochs} epochs ({self.run_dir})"))
+        after = (
+            f"a smoke run of {len(smoke_epochs(self.experiment))} short epochs, numbers mean nothing"
+            if self.smoke
+            else f"{self.epochs} epochs"
+        )
+        self.display.print(console_table(rows, title=f"results after {after} ({self.run_dir})"))
         return Results(self.run_dir, rows, best_rows)
+
+    def _check_references(self, rows: list[dict[str, Any]]) -> None:
+        """Say once per method when a published value names no metric of the results (a typo would hide it)."""
+        measured = metric_columns(rows)
+        said = set()
+        for row in rows:
+            unknown = [k for k in row.get("reference", {}) if k != "source" and k not in measured]
+            if unknown and row["method"] not in said:
+                said.add(row["method"])
+                self.display.log(
+                    f"[yellow]{row['method']}: reference {', '.join(map(repr, unknown))} is no metric of the "
+                    f"results; they are {', '.join(map(repr, measured))}[/yellow]"
+                )
+
+
+def smoke_epochs(experiment: Experiment) -> list[int]:
+    """The epochs a smoke run trains: the first, the first of every stage, and the last. Schedules, stages and
+    samplers see their true epoch numbers, so every phase of every run is exercised."""
+    starts = {stage.from_epoch for run in experiment.runs for stage in run.stages}
+    return sorted({0, experiment.trainer.epochs - 1} | {e for e in starts if e < experiment.trainer.epochs})
 
 
 @functools.cache

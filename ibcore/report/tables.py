@@ -1,4 +1,5 @@
-"""Results tables: one row per run (and per post-hoc variant), as Markdown, CSV, JSON and a console table."""
+"""Results tables: one row per method (mean ± std over its seeds, beside its published value), as
+Markdown, CSV, JSON and a console table; the per-seed rows are kept in every file."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ibcore.report.summary import format_cell, format_number, reference_columns, summarise
+
 _LOWER_IS_BETTER = ("ece", "nll", "loss")
-_FIXED = ("run", "status", "epoch")
+_FIXED = ("run", "method", "seed", "status", "epoch", "reference")
 
 
 def _is_scalar(value: Any) -> bool:
@@ -22,7 +25,7 @@ def _is_scalar(value: Any) -> bool:
 
 
 def metric_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Scalar metric names in order of first appearance (lists, matrices and groups are left out)."""
+    """Scalar metric names of per-seed rows in order of first appearance (lists and matrices are left out)."""
     columns: list[str] = []
     for row in rows:
         for key, value in row.items():
@@ -36,47 +39,119 @@ def lower_is_better(column: str) -> bool:
     return any(word in column.lower() for word in _LOWER_IS_BETTER)
 
 
-def best_values(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, float]:
-    """The best value of each column among the runs that finished."""
+def _summary_columns(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    columns: list[str] = []
+    for summary in summaries:
+        columns += [name for name in summary["metrics"] if name not in columns]
+    return columns
+
+
+def _best_means(summaries: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, float]:
+    """The best mean of each column among the methods whose every seed finished."""
     best = {}
     for column in columns:
-        values = [r[column] for r in rows if r.get("status") == "ok" and _is_scalar(r.get(column))]
-        values = [v for v in values if not math.isnan(v)]
-        if values:
-            best[column] = min(values) if lower_is_better(column) else max(values)
+        means = [s["metrics"][column]["mean"] for s in summaries if s["status"] == "ok" and column in s["metrics"]]
+        means = [m for m in means if not math.isnan(m)]
+        if means:
+            best[column] = min(means) if lower_is_better(column) else max(means)
     return best
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.4f}"
-    return str(value)
+def _reference_headers(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(metric, published header, difference header) for every metric with a published value."""
+    metrics = reference_columns(summaries)
+    if len(metrics) == 1:
+        return [(metrics[0], "published", "Δ")]
+    return [(m, f"{m} published", f"Δ {m}") for m in metrics]
+
+
+def _summary_cells(
+    summary: dict[str, Any],
+    columns: Sequence[str],
+    references: Sequence[tuple[str, str, str]],
+    best: dict[str, float],
+    mark: Any,
+) -> list[str]:
+    """The cells of one method's row: every metric, then each published value and our difference."""
+    repeated = summary["repeats"] > 1
+    cells = []
+    for column in columns:
+        metric = summary["metrics"].get(column)
+        text = format_cell(metric, repeated)
+        cells.append(mark(text) if metric is not None and best.get(column) == metric["mean"] else text)
+    for metric, _, _ in references:
+        published = summary.get("reference", {}).get(metric)
+        difference = summary.get("difference", {}).get(metric)
+        cells.append(format_number(published))
+        cells.append("–" if difference is None else f"{difference:+.2f}")
+    return cells
+
+
+def _repeated(summaries: Sequence[dict[str, Any]]) -> bool:
+    return any(s["repeats"] > 1 for s in summaries)
+
+
+def _caption(summaries: Sequence[dict[str, Any]], best_marker: str) -> str:
+    return "; ".join([f"{best_marker} best of the column; percentages in %", *_notes(summaries)])
+
+
+def _notes(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    parts = []
+    if _repeated(summaries):
+        parts.append("mean ± sample std (n seeds)")
+    if reference_columns(summaries):
+        parts.append("published: the run's reference; Δ = ours − published")
+    return parts
+
+
+def _markdown_summary(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    columns = _summary_columns(summaries)
+    references = _reference_headers(summaries)
+    best = _best_means(summaries, columns)
+    header = ["run", "epoch", *columns, *[h for _, p, d in references for h in (p, d)], "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for summary in summaries:
+        cells = [summary["run"], format_number(summary["epoch"])]
+        cells += _summary_cells(summary, columns, references, best, lambda text: f"**{text}**")
+        cells.append(summary["status"])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    notes = "".join(f" {note[0].upper()}{note[1:]}." for note in _notes(summaries))
+    lines.append(
+        "Percentages are in percent. **Bold**: best value of the column among finished runs "
+        f"(lowest for ECE, NLL and losses).{notes}"
+    )
+    sources = [(s["run"], s["reference"]["source"]) for s in summaries if s.get("reference")]
+    if sources:
+        lines += ["", "Published values:", ""] + [f"- {run}: {source}" for run, source in sources]
+    return lines
+
+
+def _markdown_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per-seed rows, as they were measured."""
+    columns = metric_columns(rows)
+    header = ["run", "seed", "epoch", *columns, "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [str(row["run"]), format_number(row.get("seed")), format_number(row.get("epoch"))]
+        cells += [format_number(row.get(column)) for column in columns]
+        cells.append(str(row.get("status", "")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    columns = metric_columns(rows)
-    best = best_values(rows, columns)
-    header = ["run", "epoch", *columns, "status"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        cells = [str(row["run"]), _fmt(row.get("epoch"))]
-        for column in columns:
-            text = _fmt(row.get(column))
-            cells.append(f"**{text}**" if column in best and row.get(column) == best[column] else text)
-        cells.append(str(row.get("status", "")))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        "Percentages are in percent. **Bold**: best value of the column among finished runs "
-        "(lowest for ECE, NLL and losses)."
-    )
+    """One row per method; when methods were repeated over seeds, the per-seed rows follow."""
+    summaries = summarise(rows)
+    lines = _markdown_summary(summaries)
+    if _repeated(summaries):
+        lines += ["", "Per seed:", "", *_markdown_rows(rows)]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    columns = ["run", "epoch", *metric_columns(rows), "status"]
+    """Per-seed rows (one per run and post-hoc variant)."""
+    columns = ["run", "method", "seed", "epoch", *metric_columns(rows), "status"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -85,30 +160,57 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per method: ``METRIC mean``, ``METRIC std``, ``METRIC n`` and, where published, the published
+    value and our difference."""
+    summaries = summarise(rows)
+    columns = _summary_columns(summaries)
+    references = reference_columns(summaries)
+    header = ["method", "seeds", "n", "status"]
+    for column in columns:
+        header += [f"{column} mean", f"{column} std", f"{column} n"]
+    for metric in references:
+        header += [f"{metric} published", f"{metric} difference"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for summary in summaries:
+        line: list[Any] = [summary["run"], " ".join(str(s) for s in summary["seeds"]), summary["n"], summary["status"]]
+        for column in columns:
+            stats = summary["metrics"].get(column) or {}
+            line += [stats.get("mean", ""), "" if stats.get("std") is None else stats["std"], stats.get("n", "")]
+        for metric in references:
+            line += [summary.get("reference", {}).get(metric, ""), summary.get("difference", {}).get(metric, "")]
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
 def console_table(rows: Sequence[dict[str, Any]], title: str = "results (last epoch)") -> Table:
-    columns = metric_columns(rows)
-    best = best_values(rows, columns)
+    """One row per method, as the Markdown table."""
+    summaries = summarise(rows)
+    columns = _summary_columns(summaries)
+    references = _reference_headers(summaries)
+    best = _best_means(summaries, columns)
     table = Table(title=title, title_justify="left")
     table.add_column("run", style="bold")
     for column in columns:
         table.add_column(column, justify="right")
+    for _, published, difference in references:
+        table.add_column(published, justify="right")
+        table.add_column(difference, justify="right")
     table.add_column("status")
-    for row in rows:
-        cells = [str(row["run"])]
-        for column in columns:
-            text = _fmt(row.get(column))
-            cells.append(
-                f"[bold green]{text}*[/bold green]" if column in best and row.get(column) == best[column] else text
-            )
-        status = str(row.get("status", ""))
+    for summary in summaries:
+        cells = [summary["run"]]
+        cells += _summary_cells(summary, columns, references, best, lambda text: f"[bold green]{text}*[/bold green]")
+        status = summary["status"]
         cells.append(status if status == "ok" else f"[red]{status}[/red]")
         table.add_row(*cells)
-    table.caption = "* best of the column; percentages in %"
+    table.caption = _caption(summaries, "*")
     return table
 
 
 def write_tables(run_dir: Path, rows: Sequence[dict[str, Any]], best_rows: Sequence[dict[str, Any]] = ()) -> None:
-    """Write results.md, results.csv and results.json (atomically) into ``run_dir``."""
+    """Write results.md, results.csv, summary.csv and results.json (atomically) into ``run_dir``."""
     from ibcore.files import atomic_write_text
 
     markdown = "## Last epoch\n\n" + to_markdown(rows)
@@ -116,7 +218,13 @@ def write_tables(run_dir: Path, rows: Sequence[dict[str, Any]], best_rows: Seque
         markdown += "\n## Best epoch, selected on the validation split\n\n" + to_markdown(best_rows)
     atomic_write_text(run_dir / "results.md", markdown)
     atomic_write_text(run_dir / "results.csv", to_csv(rows))
-    payload = {"last": list(rows), "best_on_validation": list(best_rows)}
+    atomic_write_text(run_dir / "summary.csv", summary_csv(rows))
+    payload = {
+        "last": list(rows),
+        "summary": summarise(rows),
+        "best_on_validation": list(best_rows),
+        "summary_best_on_validation": summarise(best_rows),
+    }
     atomic_write_text(run_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
 
 
