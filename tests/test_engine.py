@@ -499,12 +499,13 @@ def graph_path_config() -> dict[str, Any]:
     return config
 
 
-@pytest.mark.parametrize("capture_fails", [False, True])
+@pytest.mark.parametrize(("capture_fails", "seeds"), [(False, None), (True, None), (False, [0, 1])])
 def test_the_graph_path_trains_like_the_sequential_reference(
-    tmp_path: Path, float64: None, monkeypatch: pytest.MonkeyPatch, capture_fails: bool
+    tmp_path: Path, float64: None, monkeypatch: pytest.MonkeyPatch, capture_fails: bool, seeds: list[int] | None
 ) -> None:
     """The CUDA-graph control flow on the CPU: warm-up step, capture, replays with fresh learning rates, the
-    last smaller batch kernel by kernel, re-capture after a stage; or, when capture fails, eager steps."""
+    last smaller batch kernel by kernel, re-capture after a stage; or, when capture fails, eager steps. With
+    seeds, each group stacks the runs of both seeds, each replay on its own seed's batch."""
 
     class FailingCapture(ReplayByRunning):
         def __init__(self, *args: Any) -> None:
@@ -513,6 +514,8 @@ def test_the_graph_path_trains_like_the_sequential_reference(
     monkeypatch.setattr(fused_module, "_CapturedStep", FailingCapture if capture_fails else ReplayByRunning)
     ReplayByRunning.captured = 0
     config = graph_path_config()
+    if seeds:
+        config["seeds"] = seeds
     graphed = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "graphed")
     sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
     assert graphed.fused is not None
@@ -525,13 +528,16 @@ def test_the_graph_path_trains_like_the_sequential_reference(
         assert "CUDA graphs: the step of ce, focal cannot be captured; it runs kernel by kernel" in log
     else:
         # (ce, focal) and the lone run in epoch 0, kept through epoch 1; the stage at epoch 2 rebuilds (ce, focal)
-        assert ReplayByRunning.captured == 3 and graphed.fused.groups_built == 3
+        # with seeds the two mixup repeats also stack (eager: a mixer draws per step), a fourth group
+        assert ReplayByRunning.captured == 3 and graphed.fused.groups_built == (4 if seeds else 3)
         assert graphed.fused.graph_replays > 3 * 5
         assert "cannot be captured" not in log
-    if not capture_fails:
+    if not capture_fails and not seeds:
         assert "CUDA graphs: the training step of ce, focal, lone is captured" in log
-    for run in ("ce", "focal", "lone", "mixup"):
-        assert_same_state(state_of(graphed, run), state_of(sequential, run), atol=1e-9)
+    if seeds:
+        assert "CUDA graphs: the training step of ce@seed0, ce@seed1, focal@seed0, focal@seed1, lone@seed0" in log
+    for run in sequential.runs:
+        assert_same_state(state_of(graphed, run.name), state_of(sequential, run.name), atol=1e-9)
 
 
 def test_data_on_device_on_refuses_a_split_it_cannot_keep_there() -> None:
