@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,14 +58,63 @@ def ib_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) 
     return run
 
 
+def _user_plugins() -> dict[str, set[str]]:
+    """Distributions other than this project that provide ibcore components here, by name, with where they are
+    installed: plugins the user installed (``pip install examples/plugin-package``, a lab's own package). The
+    suite must not depend on them."""
+    from ibcore.registry import ENTRY_POINT_GROUPS, _entry_points, _normalise_dist
+
+    found: dict[str, set[str]] = {}
+    for group in ENTRY_POINT_GROUPS.values():
+        for entry_point in _entry_points(group):
+            dist = getattr(entry_point, "dist", None)
+            if dist is not None and _normalise_dist(dist.name) != "ibcore":
+                found.setdefault(_normalise_dist(dist.name), set()).add(str(getattr(dist, "_path", dist.name)))
+    return found
+
+
+USER_PLUGINS = _user_plugins()
+
+
+def _hide_user_plugins() -> None:
+    """In this process, discovery skips the user's installed plugins (tests may still put distributions of their
+    own on sys.path): the registry sees what an environment with only this project installed would."""
+    import ibcore.registry as registry
+
+    hidden = {path for paths in USER_PLUGINS.values() for path in paths}
+    if not hidden:
+        return
+    find = registry._entry_points
+
+    def entry_points(group: str) -> list[Any]:
+        return [ep for ep in find(group) if str(getattr(ep.dist, "_path", None)) not in hidden]
+
+    registry._entry_points = entry_points  # type: ignore[assignment]
+
+
+_hide_user_plugins()
+
+
 def subprocess_env(python_path: Sequence[Path | str] = (), **env: str) -> dict[str, str]:
-    """The environment of an isolated ``ib`` process: no inherited IB_* switches, wide output."""
+    """The environment of an isolated ``ib`` process: no inherited IB_* switches, wide output, and the user's
+    installed plugins switched off (unless the test puts a distribution of that name on ``python_path``)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IB_") and k != "PYTHONPATH"}
     clean["COLUMNS"] = _COLUMNS
     if python_path:
         clean["PYTHONPATH"] = os.pathsep.join(str(p) for p in python_path)
+    shipped = {_dist_name(info) for p in python_path for info in Path(p).glob("*.dist-info")}
+    foreign = sorted(set(USER_PLUGINS) - shipped)
+    given = [part for part in env.get("IB_DISABLE_PLUGINS", "").split(",") if part]
     clean.update(env)
+    if foreign:
+        clean["IB_DISABLE_PLUGINS"] = ",".join(given + foreign)
     return clean
+
+
+def _dist_name(dist_info: Path) -> str:
+    from ibcore.registry import _normalise_dist
+
+    return _normalise_dist(dist_info.name.rsplit("-", 1)[0])
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 A real ``ib`` process is SIGKILLed at chosen points (inside an optimisation step, half-way through a
 checkpoint's temp file, between a checkpoint's rename and its manifest update, in the middle of an
-evaluation) and at random times from a seeded RNG, then ``ib resume``d. After every kill each
+evaluation) and at random points drawn from a seeded RNG, then ``ib resume``d. After every kill each
 checkpoint listed in checkpoints.json must verify; at the end results.json and metrics.jsonl must equal
 those of an uninterrupted run. tests/test_resume_kill.py covers one kill at an epoch boundary.
 """
@@ -15,10 +15,10 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -215,39 +215,43 @@ def test_kill_9_at_chosen_points_then_resume_gives_the_uninterrupted_numbers(tmp
     assert_same_as(run_dir, reference)
 
 
-def wait_until(condition: Callable[[], bool], process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while process.poll() is None and time.monotonic() < deadline and not condition():
-        time.sleep(0.02)
+def random_kill_point(rng: random.Random, epochs_left: int) -> str:
+    """A kill point drawn from ``rng`` that the remaining ``epochs_left`` epochs are sure to reach: inside a random
+    optimisation step, half-way through the first checkpoint, before the first manifest update, or mid-way through
+    the first evaluation (every process that trains evaluates at least once: the last epoch always does)."""
+    kind = rng.choice(["backward", "backward", "backward", "torch_save", "replace", "evaluate"])
+    if kind == "backward":  # the sequential path: each of the 2 runs calls backward() once per step
+        return f"backward:{rng.randint(1, 2 * STEPS_PER_EPOCH * epochs_left)}"
+    return {"torch_save": "torch_save:1", "replace": "replace:checkpoints.json@1", "evaluate": "evaluate:1"}[kind]
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_times_then_resume_gives_the_uninterrupted_numbers(tmp_path: Path, reference: Path) -> None:
-    rng = random.Random(20240611)  # seeded: the same kill points (in epochs) on every CI run
-    train_lines = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
-    epoch_seconds = max(line["seconds"] for line in train_lines if line["split"] == "train")
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_numbers(tmp_path: Path, reference: Path) -> None:
+    """Kill points drawn from a seeded RNG, in units of the run's own progress (steps, checkpoints, evaluations)
+    rather than seconds, so they land at the same places on a fast or a slow, busy machine."""
+    rng = random.Random(20240611)
     workspace = Workspace(tmp_path)
-    out = tmp_path / "out"
-    process = workspace.start(["run", str(workspace.config), "--out", "out"])
-    # the first kill once there is something to resume from, the later ones once a resume has restored it
-    wait_until(lambda: any(manifest(d) for d in out.glob("*")), process)
-    killed = []
-    for trial in range(3):
-        delay = rng.uniform(0.0, 2.5) * epoch_seconds  # scaled to this machine's speed
-        time.sleep(delay)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            killed.append(round(delay, 2))
-        process.wait(timeout=TIMEOUT)
-        run_dir = run_dir_under(out)
-        assert assert_checkpoints_intact(run_dir), "the first checkpoint was there before the first kill"
-        if trial < 2:
-            size = (run_dir / "train.log").stat().st_size
-            process = workspace.start(["resume", str(run_dir)])
-            wait_until(lambda: (run_dir / "train.log").stat().st_size > size, process)  # noqa: B023
-    assert killed, "the first kill should land while three epochs are left to train"
+    kill = random_kill_point(rng, CRASH_CONFIG["trainer"]["epochs"])
+    rc, err = workspace.finish(["run", str(workspace.config), "--out", "out"], kill=kill)
+    assert rc == -signal.SIGKILL, f"{kill} did not happen: rc={rc}\n{err}"
+    run_dir = run_dir_under(tmp_path / "out")
+    killed = [kill]
+    for _ in range(3):
+        saved = assert_checkpoints_intact(run_dir)
+        if not saved:  # killed before the first checkpoint: nothing to resume, start again
+            shutil.rmtree(run_dir)
+            args = ["run", str(workspace.config), "--out", "out"]
+            epochs_left = CRASH_CONFIG["trainer"]["epochs"]
+        else:
+            args, epochs_left = ["resume", str(run_dir)], CRASH_CONFIG["trainer"]["epochs"] - saved[-1]
+        kill = random_kill_point(rng, epochs_left)
+        rc, err = workspace.finish(args, kill=kill)
+        assert rc == -signal.SIGKILL, f"{kill} did not happen: rc={rc}\n{err}"
+        killed.append(kill)
+        run_dir = run_dir_under(tmp_path / "out")
+    assert assert_checkpoints_intact(run_dir), killed
     rc, err = workspace.finish(["resume", str(run_dir)])
-    assert rc == 0, err
+    assert rc == 0, f"after kills at {killed}: {err}"
     assert_same_as(run_dir, reference)
 
 
