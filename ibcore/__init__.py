@@ -27,8 +27,10 @@ from ibcore.protocols import AugmentSpec, MixPlan
 from ibcore.registry import (
     KINDS,
     ComponentInfo,
+    DataPath,
     NoParams,
     Params,
+    PerClass,
     list_components,
     register,
     register_adjustment,
@@ -46,7 +48,8 @@ __version__ = "0.1.0"
 
 
 def load_experiment(source: Any, *, overrides: list[str] | None = None) -> Any:
-    """Load and fully validate an experiment from a YAML path or a mapping; see :mod:`ibcore.config`."""
+    """Load and fully validate an experiment from a YAML path (with its ``extends``) or a mapping; see
+    :mod:`ibcore.config`."""
     from ibcore.config import load_experiment as _load
 
     return _load(source, overrides=overrides)
@@ -81,6 +84,8 @@ __all__ = [
     "MixPlan",
     "NoParams",
     "Params",
+    "DataPath",
+    "PerClass",
     "PluginLoadError",
     "ProtocolError",
     "RegistryError",

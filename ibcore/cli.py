@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -29,7 +30,40 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
 
+def _import_requested_plugins(args: argparse.Namespace) -> None:
+    """``--plugins MODULE`` and ``--config FILE``: import the user's own components before listing them.
+
+    Modules are looked for as a config's ``plugins:`` are: ``--config``'s in the config's folder first,
+    ``--plugins`` ones in the working directory, then the installed packages.
+    """
+    from ibcore.config.validation import import_config_plugins, import_plugins
+
+    if args.config:
+        import_config_plugins(args.config)
+    if args.plugins:
+        issues = import_plugins(list(args.plugins), label="--plugins")
+        if issues:
+            raise ConfigError(issues)
+
+
+def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first, so the components it registers are included (repeatable); looked for "
+        "in the working directory, then the installed packages",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="import the plugins: modules of this experiment config first (looked for as `ib run` does)",
+    )
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    _import_requested_plugins(args)
     infos = list_components(args.kind, args.pattern, load=True)
     console = _console()
     kinds = [_check_kind(args.kind)] if args.kind else list(KINDS)
@@ -56,6 +90,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    _import_requested_plugins(args)
     console = _console()
     dists = distributions()
     if not dists:
@@ -96,9 +131,10 @@ def _print_config_error(error: ConfigError, console: Console) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from ibcore.config import load_experiment
+    from ibcore.config import load_experiment, resolved_config
 
-    console = _console()
+    # With --print, stdout holds only the resolved YAML (to redirect into a file); the report goes to stderr.
+    console = _console(stderr=args.print)
     failed = False
     for path in args.configs:
         try:
@@ -117,15 +153,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 f"[green]✓[/green] {escape(path)}: valid ({count} run{'s' if count != 1 else ''}: "
                 f"{', '.join(r.name for r in experiment.runs)}{repeats})"
             )
+            if args.print:
+                text = yaml.safe_dump(resolved_config(experiment), sort_keys=False, allow_unicode=True)
+                header = f"--- # {path}\n" if len(args.configs) > 1 else ""
+                sys.stdout.write(header + text)
     return 1 if failed else 0
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     from ibcore.config import experiment_json_schema
 
+    _import_requested_plugins(args)
     text = json.dumps(experiment_json_schema(), indent=2, sort_keys=False)
     if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        from ibcore.files import atomic_write_text
+
+        atomic_write_text(Path(args.output), text + "\n")
         _console(stderr=True).print(f"wrote {args.output}")
     else:
         sys.stdout.write(text + "\n")
@@ -147,7 +190,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     only = [name.strip() for part in args.only for name in part.split(",") if name.strip()] or None
     results = run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet, smoke=args.smoke, only=only)
+    _print_quiet_table(args, results)
     return _exit_code(results)
+
+
+def _print_quiet_table(args: argparse.Namespace, results: object) -> None:
+    """``--quiet`` silences the progress and log lines, not the answer: the final table is still printed."""
+    if args.quiet and hasattr(results, "rows"):
+        from ibcore.report.console import console_table
+
+        title = f"results ({getattr(results, 'run_dir', '')})"
+        _console().print(console_table(results.rows, title=title, labels=getattr(results, "labels", None)))
 
 
 def _exit_code(results: object) -> int:
@@ -162,7 +215,9 @@ def _exit_code(results: object) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from ibcore.engine import resume
 
-    return _exit_code(resume(args.run_dir, quiet=args.quiet))
+    results = resume(args.run_dir, quiet=args.quiet)
+    _print_quiet_table(args, results)
+    return _exit_code(results)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -184,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=_KIND_ARGS, metavar="KIND", help=f"one of: {', '.join(KINDS)}")
     p.add_argument("pattern", nargs="?", help="shell-style name pattern, e.g. 'resnet*'")
     p.add_argument("--citations", action="store_true", help="show the paper of each component")
+    _add_plugin_options(p)
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser(
@@ -191,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plugin distributions and their load status",
         description="Show every distribution that provides components, its version and load errors.",
     )
+    _add_plugin_options(p)
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser(
@@ -200,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("configs", nargs="+", metavar="CONFIG")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a value")
+    p.add_argument(
+        "--print",
+        action="store_true",
+        help="print each valid config as resolved (extends merged, overrides applied, every default filled in) "
+        "as YAML on stdout, as `ib run` writes it to config.yaml; the report goes to stderr",
+    )
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser(
@@ -208,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a JSON Schema of the config, including every installed component's params.",
     )
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    _add_plugin_options(p)
     p.set_defaults(func=_cmd_schema)
 
     p = sub.add_parser(
@@ -224,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH=VALUE",
         help="override a value, e.g. trainer.epochs=5 or runs.ce.loss.params.gamma=2",
     )
-    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress display and no log lines (train.log keeps them); the final table is printed",
+    )
     p.add_argument(
         "--smoke",
         nargs="?",
@@ -249,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resume RUN_DIR from its latest valid checkpoint to the same final numbers.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--quiet", action="store_true", help="no live progress display")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress display and no log lines (train.log keeps them); the final table is printed",
+    )
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser(
@@ -283,8 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
             return 1
-        except KeyboardInterrupt:
-            err.print("interrupted")
+        except KeyboardInterrupt as exc:
+            # The engine says how to continue once a run directory exists (ibcore.engine.RunInterrupted).
+            message = str(exc) if getattr(exc, "run_dir", None) is not None else "interrupted"
+            err.print(message, markup=False, soft_wrap=True)  # never broken inside the command to copy
             return 130
 
 

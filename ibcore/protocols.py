@@ -135,8 +135,9 @@ class Optimizer(Protocol):
 class Evaluator(Protocol):
     """torchmetrics-style metric: ``reset``, ``update`` per batch, ``compute`` at the end.
 
-    ``compute`` returns ``{name: value}``; percentages are in percent and their names end in
-    ``" (%)"``; non-scalar values (per-class lists, matrices) are allowed and left out of tables.
+    ``compute`` returns ``{key: value}`` with plain identifier keys (``acc1``, ``few_acc``); percentages are in
+    percent; non-scalar values (per-class lists, matrices) are allowed and left out of tables. Optional:
+    ``labels`` (``{key: "acc@1 (%)"}``, what tables show) and ``headline`` (the key that picks the best epoch).
     """
 
     def reset(self) -> None: ...

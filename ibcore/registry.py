@@ -24,7 +24,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic_core import PydanticCustomError
 
 from ibcore.errors import PluginLoadError, RegistryError
 
@@ -57,6 +58,43 @@ class Params(BaseModel):
 
 class NoParams(Params):
     """Params of a component that takes none."""
+
+
+def _check_per_class(value: Any, info: ValidationInfo) -> Any:
+    """Refuse a per-class list whose length is not the class count, when validation knows the count.
+
+    ``ib validate`` passes ``{"num_classes": N, "dataset": NAME}`` as pydantic's validation context when
+    the config's dataset can tell its class count from its params (``num_classes_hint``).
+    """
+    context = info.context if isinstance(info.context, dict) else {}
+    expected = context.get("num_classes")
+    if isinstance(expected, int) and hasattr(value, "__len__") and len(value) != expected:
+        dataset = context.get("dataset")
+        owner = f"the dataset {dataset!r}" if isinstance(dataset, str) else "the dataset"
+        raise PydanticCustomError(
+            "per_class_length",
+            "expected {expected} values, one per class ({owner} has {expected} classes), got {got}",
+            {"expected": expected, "owner": owner, "got": len(value)},
+        )
+    return value
+
+
+PerClass = AfterValidator(_check_per_class)
+"""Marks a per-class list param, ``Annotated[tuple[float, ...], PerClass]``: ``ib validate`` checks its length
+against the class count whenever the config's dataset can say it without loading data."""
+
+
+class _DataPath:
+    """The type of :data:`DataPath` (a marker: it validates nothing)."""
+
+    def __repr__(self) -> str:
+        return "DataPath"
+
+
+DataPath = _DataPath()
+"""Marks a params field holding a file or folder path relative to the working directory,
+``Annotated[str, DataPath]``: ``ib run`` stores it resolved (absolute) in the run's config.yaml, so
+``ib resume`` from another folder reads the same data."""
 
 
 Factory = Callable[[Any, Any], Any]
@@ -347,10 +385,12 @@ def register(
     existing = providers.get(provider)
     if replace:
         providers.clear()
-    elif existing is not None and existing.loaded:
+    elif existing is not None and existing.loaded and not _same_definition(existing.factory, factory):
+        theirs = _definition_label(existing.factory)
         raise RegistryError(
-            f"{kind} {name!r} is already registered by {existing.provider_label}; "
-            "pass replace=True to register it again."
+            f"{kind} {name!r} is already registered by {existing.provider_label} ({theirs}); "
+            f"{_definition_label(factory)} is another definition: choose another name, or pass replace=True "
+            "to register it again."
         )
     elif loading is None and providers and provider not in providers:
         others = ", ".join(sorted(p.provider_label for p in providers.values()))
@@ -362,6 +402,26 @@ def register(
         info.entry_point, info._entry_point_obj = existing.entry_point, existing._entry_point_obj
     providers[provider] = info
     return info
+
+
+def _definition(factory: Any) -> tuple[str, str, int | None]:
+    """What identifies a factory across re-runs of its code: module, qualified name, and a lambda's line."""
+    module = getattr(factory, "__module__", None) or "?"
+    qualname = getattr(factory, "__qualname__", None) or type(factory).__qualname__
+    code = getattr(factory, "__code__", None)
+    # Every lambda of a module has the qualified name '<lambda>': its first line tells two of them apart.
+    line = code.co_firstlineno if "<lambda>" in qualname and code is not None else None
+    return module, qualname, line
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+    """``new`` is ``old`` defined again (a re-run notebook cell, a reloaded module), not another factory."""
+    return old is new or _definition(old) == _definition(new)
+
+
+def _definition_label(factory: Any) -> str:
+    module, qualname, line = _definition(factory)
+    return f"{module}.{qualname}" + (f" at line {line}" if line is not None else "")
 
 
 T = TypeVar("T")

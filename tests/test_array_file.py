@@ -428,7 +428,7 @@ def test_one_epoch_on_an_array_file_writes_results(npz: Path, tmp_path: Path) ->
     for name in ("metrics.jsonl", "results.json", "results.csv"):
         assert (results.run_dir / name).is_file(), name
     lines = [json.loads(line) for line in (results.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(line["run"], line["epoch"]) for line in lines if line["split"] == "test"] == [("ce", 0)]
-    assert 0 <= results.row("ce")["acc@1 (%)"] <= 100
+    assert [(line["run"], line["epoch"]) for line in lines if line["split"] == "test"] == [("ce", 1)]
+    assert 0 <= results.row("ce")["acc1"] <= 100
     meta = json.loads((results.run_dir / "meta.json").read_text())
     assert meta["class_counts"] == list(TRAIN_PER_CLASS)

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +247,201 @@ def test_the_ib_console_script(tmp_path: Path) -> None:
     done = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert done.stdout.strip() == f"ibcore {ibcore.__version__}"
+
+
+# --------------------------------------------------------------------------------------------
+# Components of the user's own modules: --plugins MODULE, --config FILE
+
+
+@pytest.fixture
+def isolated_imports() -> Iterator[None]:
+    """Registry and sys.modules as they were, so a module imported by --plugins does not leak."""
+    before = set(sys.modules)
+    with registry_snapshot():
+        yield
+    for name in set(sys.modules) - before:
+        if name.startswith("ibtest_"):
+            del sys.modules[name]
+
+
+PLUGIN = """\
+from pydantic import Field
+from ibcore import Params, register_loss
+
+
+class TemperatureParams(Params):
+    ibtest_temperature: float = Field(1.5, gt=0, description="Only this plugin has it.")
+
+
+@register_loss("{name}", TemperatureParams)
+def build(params, context):
+    \"\"\"A loss from the user's own module.\"\"\"
+    return lambda logits, targets, sample_weight=None: 0.0
+"""
+
+
+def test_list_plugins_and_schema_include_the_modules_named_by_plugins(
+    ib_cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_imports: None
+) -> None:
+    (tmp_path / "ibtest_cli_losses.py").write_text(PLUGIN.replace("{name}", "ibtest_cli_loss"), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # looked for in the working directory, as `python -m` would
+    listed = ib_cli("list", "losses", "--plugins", "ibtest_cli_losses")
+    assert listed.rc == 0
+    row = listed.line_with("ibtest_cli_loss ")
+    assert "local:ibtest_cli_losses" in row and "A loss from the user's own module." in row
+    plugins = ib_cli("plugins", "--plugins", "ibtest_cli_losses")
+    assert "loss local:ibtest_cli_losses:ibtest_cli_loss" in plugins.line_with("Registered in this process")
+    schema = json.loads(ib_cli("schema", "--plugins", "ibtest_cli_losses").out)
+    mine = {c["title"]: c for c in schema["$defs"]["LossSpec"]["anyOf"]}["ibtest_cli_loss"]
+    assert mine["properties"]["params"]["properties"]["ibtest_temperature"]["default"] == 1.5
+
+
+def test_list_and_schema_import_the_plugins_of_a_config(
+    ib_cli: Callable[..., Any],
+    config: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    isolated_imports: None,
+) -> None:
+    config(PLUGIN.replace("{name}", "ibtest_config_loss"), "ibtest_config_losses.py")
+    path = config("plugins: [ibtest_config_losses]\n" + VALID)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the config's folder is searched first
+    target = tmp_path / "ib.schema.json"
+    assert ib_cli("schema", "--config", str(path), "-o", str(target)).rc == 0
+    schema = json.loads(target.read_text(encoding="utf-8"))
+    assert "ibtest_config_loss" in {c["title"] for c in schema["$defs"]["LossSpec"]["anyOf"]}
+    assert "local:ibtest_config_losses" in ib_cli("list", "losses", "--config", str(path)).line_with(
+        "ibtest_config_loss"
+    )
+
+
+def test_a_plugin_module_that_is_not_found_says_where_it_was_looked_for(
+    ib_cli: Callable[..., Any],
+    config: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    isolated_imports: None,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = ib_cli("list", "--plugins", "ibtest_nowhere")
+    assert result.rc == 1
+    assert result.line_with("--plugins[0]").strip() == (
+        f"--plugins[0]: could not import 'ibtest_nowhere': no module named 'ibtest_nowhere' in the working "
+        f"directory {tmp_path.resolve()} or the installed packages"
+    )
+    path = config("plugins: [ibtest_nowhere]\n" + VALID)
+    result = ib_cli("schema", "--config", str(path))
+    assert result.rc == 1 and f"1 error in {path}" in result.err
+    assert "plugins[0]: could not import 'ibtest_nowhere'" in result.err and result.out == ""
+
+
+# --------------------------------------------------------------------------------------------
+# ib run: Ctrl-C, and a failure before the first batch
+
+TINY = """\
+seed: 1
+data:
+  dataset: {name: mnist_lt, params: {imbalance_ratio: 100, test_per_class: 10}}
+  batch_size: 256
+trainer: {epochs: 3, eval_every: 1, checkpoint_every: 1, device: cpu}
+defaults:
+  backbone: {name: small_cnn}
+  optimizer: {name: sgd, params: {lr: 0.05}}
+runs:
+  - name: ce
+    loss: {name: cross_entropy}
+evaluators: [{name: accuracy}]
+"""
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, stop: int) -> None:
+    """Ctrl-C when epoch ``stop`` begins (after the checkpoints of the epochs before it)."""
+    from ibcore.engine.trainer import Trainer
+
+    original = Trainer.train_epoch
+
+    def train_epoch(self: Trainer, epoch: int) -> None:
+        if epoch == stop:
+            raise KeyboardInterrupt
+        original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize(
+    ("stop", "continues"),
+    [
+        (2, "it continues after epoch 2 of 3, from the newest checkpoint"),
+        (0, "no checkpoint was written yet, so it starts again from the beginning"),
+    ],
+)
+def test_ctrl_c_prints_the_command_that_continues_the_run(
+    ib_cli: Callable[..., Any],
+    config: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: int,
+    continues: str,
+) -> None:
+    path, out = str(config(TINY)), tmp_path / "out"
+    with monkeypatch.context() as patched:
+        _interrupt_at(patched, stop)
+        result = ib_cli("run", path, "--quiet", "--out", str(out))
+    assert result.rc == 130
+    [run_dir] = out.iterdir()
+    assert result.err == f"interrupted. To continue, run: ib resume {run_dir} ({continues})\n"
+    # the printed command does what it says, to the numbers of an uninterrupted run
+    resumed = ib_cli("resume", str(run_dir), "--quiet")
+    assert resumed.rc == 0, resumed.output
+    full = ib_cli("run", path, "--quiet", "--out", str(tmp_path / "full"))
+    assert full.rc == 0
+    [full_dir] = (tmp_path / "full").iterdir()
+    assert _results(run_dir) == _results(full_dir)
+
+
+def _results(run_dir: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """The final rows and every metrics line, without the epoch times."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    return results["last"], [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+
+
+def test_ctrl_c_during_ib_resume_prints_the_same_command(
+    ib_cli: Callable[..., Any], config: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    with monkeypatch.context() as patched:
+        _interrupt_at(patched, 1)
+        assert ib_cli("run", str(config(TINY)), "--quiet", "--out", str(out)).rc == 130
+    [run_dir] = out.iterdir()
+    monkeypatch.setenv("COLUMNS", "60")  # a narrow terminal: the command is still one line, to copy
+    _interrupt_at(monkeypatch, 2)
+    result = ib_cli("resume", str(run_dir), "--quiet")
+    assert result.rc == 130
+    assert result.err == (
+        f"interrupted. To continue, run: ib resume {run_dir} (it continues after epoch 2 of 3, from the newest "
+        "checkpoint)\n"
+    )
+
+
+def test_a_run_that_fails_before_the_first_batch_leaves_no_run_directory(
+    ib_cli: Callable[..., Any], config: Callable[..., Path], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.npz"
+    path = str(
+        config(
+            TINY.replace(
+                "{name: mnist_lt, params: {imbalance_ratio: 100, test_per_class: 10}}",
+                f"{{name: array_file, params: {{path: '{missing}'}}}}",
+            )
+        )
+    )
+    result = ib_cli("run", path, "--quiet", "--out", str(tmp_path / "new" / "runs"))
+    assert result.rc == 1 and "missing.npz" in result.err and "Traceback" not in result.output
+    assert not (tmp_path / "new").exists()  # neither the run directory nor the folders made for it
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert ib_cli("run", path, "--quiet", "--out", str(existing)).rc == 1
+    assert list(existing.iterdir()) == []  # a folder the user had stays, empty as it was

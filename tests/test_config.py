@@ -8,13 +8,14 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+import yaml
 from pydantic import Field
 
 import ibcore
-from ibcore import BuildContext, ConfigError, Params, register_loss, registry_snapshot
+from ibcore import BuildContext, ConfigError, Params, PerClass, register_loss, registry_snapshot
 from ibcore.config import experiment_json_schema
 
 # DESIGN.md §5, the public example of the format, with `plugins:` left out (tested on its own below).
@@ -193,7 +194,7 @@ def test_five_mistakes_give_five_issues_with_their_paths(
     assert issues["runs[0].loss.name"].startswith("Unknown loss 'cross_entrpy'. Did you mean: cross_entropy")
     assert "valid number" in issues["runs[1].loss.params.gamma"] and "'high'" in issues["runs[1].loss.params.gamma"]
     assert f"did you mean {meant!r}" in issues[typo_path]
-    assert "outside the training epochs 0..9" in issues["runs[2].stages[0].from_epoch"]
+    assert "12 is not before trainer.epochs=10" in issues["runs[2].stages[0].from_epoch"]
     assert issues["runs[3].name"] == "duplicate run name 'ce' (also runs[0])"
 
 
@@ -255,6 +256,35 @@ def test_a_run_retrains_its_classifier_one_way(write: Callable[..., Path]) -> No
     path = write(SMALL_CONFIG + stages + lws + crt)
     [(where, message)] = issues_of(path)
     assert where == "runs[1].stages[1].retrain_classifier" and message.startswith(both)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_shortening_a_recipe_below_its_stages_says_what_is_wrong_and_what_to_do() -> None:
+    # The newcomer's first try: the LDAM-DRW recipe (a stage from epoch 160) for one epoch.
+    recipe = EXAMPLES / "cifar10_lt_ldam_drw.yaml"
+    issues = dict(issues_of(recipe, ["trainer.epochs=1"]))
+    message = issues["runs[5].stages[0].from_epoch"]
+    assert message.startswith("160 is never reached: a stage starts after at least 1 epoch and trainer.epochs=1 ")
+    assert "so no stage can run" in message
+    assert "keep trainer.epochs and run `ib run` with --smoke" in message and "remove the stage" in message
+    assert "outside" not in message and "0..0" not in message and "epoch 0" not in message
+    message = dict(issues_of(recipe, ["trainer.epochs=100"]))["runs[5].stages[0].from_epoch"]
+    assert message.startswith(
+        "160 is not before trainer.epochs=100: a stage starts after 1 to 99 completed epochs (from_epoch: N starts "
+        "it after N epochs)."
+    )
+    assert "--smoke" in message and "move the stage (from_epoch below 100) or train longer" in message
+
+
+@pytest.mark.parametrize(("start", "epochs", "valid"), [(9, 10, True), (10, 10, False), (1, 2, True), (1, 1, False)])
+def test_a_stage_may_start_at_any_epoch_from_1_to_the_last(
+    write: Callable[..., Path], start: int, epochs: int, valid: bool
+) -> None:
+    stage = f"runs.focal.stages=[{{from_epoch: {start}, loss: {{name: cross_entropy}}}}]"
+    issues = issues_of(write(SMALL_CONFIG), [stage, f"trainer.epochs={epochs}"])
+    assert (issues == []) is valid, issues
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,9 +454,41 @@ def test_a_plugin_that_fails_to_import_is_reported_at_its_index(
         ("plugins[0]", "could not import 'ibtest_broken': ValueError: bad plugin setup"),
         (
             "plugins[1]",
-            "could not import 'ibtest_missing_module': ModuleNotFoundError: No module named 'ibtest_missing_module'",
+            f"could not import 'ibtest_missing_module': no module named 'ibtest_missing_module' in the config's "
+            f"folder {path.parent.resolve()}, the working directory {Path.cwd().resolve()} or the installed packages",
         ),
     ]
+
+
+def test_a_plugin_in_the_working_directory_is_found_as_python_m_would(
+    write: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_imports: None
+) -> None:
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    (workdir / "ibtest_cwd_losses.py").write_text(PLUGIN_MODULE, encoding="utf-8")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    path = configs / "exp.yaml"
+    path.write_text(
+        "plugins: [ibtest_cwd_losses]\n" + SMALL_CONFIG.replace("name: cross_entropy}", "name: ibtest_doubled}"),
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(workdir)
+    before = list(sys.path)
+    assert ibcore.load_experiment(path).run("ce").loss.name == "ibtest_doubled"  # type: ignore[union-attr]
+    assert sys.path == before  # the search path is changed only while the plugins are imported
+
+
+def test_a_module_in_the_config_folder_wins_over_one_in_the_working_directory(
+    write: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_imports: None
+) -> None:
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    (workdir / "ibtest_twice.py").write_text("raise RuntimeError('the working directory was searched first')\n")
+    write(PLUGIN_MODULE, name="ibtest_twice.py")
+    monkeypatch.chdir(workdir)
+    path = write("plugins: [ibtest_twice]\n" + SMALL_CONFIG)
+    assert issues_of(path) == []
 
 
 def test_no_other_key_imports_code(write: Callable[..., Path], isolated_imports: None) -> None:
@@ -442,6 +504,70 @@ def test_no_other_key_imports_code(write: Callable[..., Path], isolated_imports:
     assert "Unknown dataset 'ibtest_sentinel'" in issues["data.dataset.name"]
     assert "ibtest_sentinel" not in sys.modules
     assert not path.with_name("ibtest_sentinel.imported").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-class lists against the class count a dataset tells without loading data
+
+
+class PerClassParams(Params):
+    priors: Annotated[tuple[float, ...], PerClass] | None = Field(None, description="One number per class.")
+
+
+def _per_class_config(dataset: str, priors: list[float]) -> dict[str, Any]:
+    return {
+        "data": {"dataset": yaml.safe_load(dataset)},
+        "defaults": {"backbone": {"name": "small_cnn"}, "optimizer": {"name": "sgd"}},
+        "runs": [
+            {"name": "mine", "loss": {"name": "ibtest_per_class", "params": {"priors": priors}}},
+            {
+                "name": "drw",
+                "loss": {"name": "cross_entropy"},
+                "stages": [{"from_epoch": 1, "loss": {"name": "ibtest_per_class", "params": {"priors": [1.0]}}}],
+            },
+        ],
+    }
+
+
+@pytest.fixture
+def per_class_loss() -> Iterator[None]:
+    with registry_snapshot():
+        register_loss("ibtest_per_class", PerClassParams)(lambda params, context: None)
+        yield
+
+
+@pytest.mark.parametrize(
+    ("dataset", "classes"),
+    [
+        ("{name: mnist_lt}", 10),
+        ("{name: cifar10_lt, params: {root: nowhere}}", 10),
+        ("{name: cifar100_lt, params: {root: nowhere}}", 100),
+        ("{name: array_file, params: {path: nowhere.npz, num_classes: 7}}", 7),
+        ("{name: image_list, params: {root: r, train_list: a, test_list: b, num_classes: 5}}", 5),
+    ],
+)
+def test_ib_validate_checks_per_class_lists_when_the_dataset_knows_its_classes(
+    per_class_loss: None, dataset: str, classes: int
+) -> None:
+    name = yaml.safe_load(dataset)["name"]
+    problem = f"expected {classes} values, one per class (the dataset {name!r} has {classes} classes)"
+    assert issues_of(_per_class_config(dataset, [1.0, 2.0, 3.0])) == [
+        ("runs[0].loss.params.priors", f"{problem}, got 3"),
+        ("runs[1].stages[0].loss.params.priors", f"{problem}, got 1"),
+    ]
+    config = _per_class_config(dataset, [1.0] * classes)
+    config["runs"].pop()
+    assert issues_of(config) == []
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    ["{name: array_file, params: {path: nowhere.npz}}", "{name: image_folder, params: {root: nowhere}}"],
+)
+def test_per_class_lists_wait_for_the_data_when_only_the_data_knows_the_classes(
+    per_class_loss: None, dataset: str
+) -> None:
+    assert issues_of(_per_class_config(dataset, [1.0, 2.0, 3.0])) == []  # checked when the loss is built
 
 
 # --------------------------------------------------------------------------------------------

@@ -269,9 +269,11 @@ def test_a_run_whose_loss_turns_nan_stops_and_the_others_finish(tmp_path: Path) 
         results = ibcore.run(path, out_dir=tmp_path / "out", quiet=True)
     status = {row["run"]: row["status"] for row in results.rows}
     assert status["ce"] == "ok" and status["focal"] == "ok"
-    # the fourth call of the loss is epoch 0, batch 3
-    assert status["exploding"] == "failed: non-finite loss at epoch 0, batch 3"
-    assert results.row("ce")["epoch"] == 3 and results.row("ce")["acc@1 (%)"] > 0
+    # the fourth call of the loss is in the first epoch, its fourth batch
+    assert status["exploding"] == "failed: non-finite loss at epoch 1, batch 4"
+    assert results.row("ce")["epoch"] == 3 and results.row("ce")["acc1"] > 0
+    train = [m for m in results.history if m["split"] == "train" and m["run"] == "exploding"]
+    assert [m["epoch"] for m in train] == [1] and train[0]["failed"] == "non-finite loss at epoch 1, batch 4"
 
 
 def test_with_graphs_a_plugin_loss_that_does_not_opt_in_steps_kernel_by_kernel(
@@ -290,7 +292,7 @@ def test_with_graphs_a_plugin_loss_that_does_not_opt_in_steps_kernel_by_kernel(
     assert "CUDA graphs: run 'exploding' steps kernel by kernel: its loss does not declare cuda_graph_safe" in log
     assert "CUDA graphs: the training step of ce, focal is captured" in log and trainer.fused.graph_replays > 0
     status = {row["run"]: row["status"] for row in results.rows}
-    assert status == {"ce": "ok", "focal": "ok", "exploding": "failed: non-finite loss at epoch 0, batch 3"}
+    assert status == {"ce": "ok", "focal": "ok", "exploding": "failed: non-finite loss at epoch 1, batch 4"}
 
 
 def test_results_files_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,17 +301,80 @@ def test_results_files_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[
     for name in ("config.yaml", "meta.json", "metrics.jsonl", "results.md", "results.csv", "results.json", "train.log"):
         assert (run_dir / name).is_file(), name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # every epoch number counts completed epochs: the lines after the first epoch say 1, the last 2
     evals = [line for line in lines if line["split"] == "test"]
-    assert {(line["run"], line["epoch"]) for line in evals} == {("ce", 0), ("ce", 1), ("focal", 0), ("focal", 1)}
+    assert {(line["run"], line["epoch"]) for line in evals} == {("ce", 1), ("ce", 2), ("focal", 1), ("focal", 2)}
+    assert [line["epoch"] for line in lines if line["split"] == "train" and line["run"] == "ce"] == [1, 2]
+    assert results.row("ce")["epoch"] == 2 == max(line["epoch"] for line in lines)
+    # plain keys in files and APIs; the display labels head the tables
     row = results.row("ce")
-    assert 0 <= row["acc@1 (%)"] <= 100 and {"many (%)", "medium (%)", "few (%)"} <= row.keys()
+    assert 0 <= row["acc1"] <= 100 and {"many_acc", "medium_acc", "few_acc"} <= row.keys()
+    assert evals[0].keys() >= {"acc1", "many_acc", "medium_acc", "few_acc", "shot_groups"}
     csv_header = (run_dir / "results.csv").read_text().splitlines()[0]
-    assert csv_header.startswith("run,method,seed,epoch,acc@1 (%)")
+    assert csv_header == "run,method,seed,epoch,acc1,many_acc,medium_acc,few_acc,status"
+    summary_header = (run_dir / "summary.csv").read_text().splitlines()[0]
+    assert summary_header.startswith("method,seeds,n,status,acc1_mean,acc1_std,acc1_n,many_acc_mean")
+    payload = json.loads((run_dir / "results.json").read_text())
+    assert payload["labels"]["acc1"] == "acc@1 (%)" and "acc1" in payload["summary"][0]["metrics"]
+    markdown = (run_dir / "results.md").read_text()
+    assert "| run | epoch | acc@1 (%) | many (%) | medium (%) | few (%) | status |" in markdown
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["seed"] == 3 and meta["torch"] == torch.__version__ and meta["class_counts"][0] == 480
+    assert meta["metrics_format"] == 2
+    log = (run_dir / "train.log").read_text()
+    assert "epoch 2/2:" in log and "epoch 2: test acc@1 (%) ce=" in log
     (run_dir / "results.md").unlink()
+    capsys.readouterr()
     assert ibcore.cli.main(["report", str(run_dir)]) == 0
-    assert "acc@1" in (run_dir / "results.md").read_text()
+    assert (run_dir / "results.md").read_text() == markdown
+    assert "acc@1" in capsys.readouterr().out
+
+
+def test_best_on_validation_rows_name_the_epoch_chosen_on_the_headline_metric(tmp_path: Path) -> None:
+    """The best row of a run is the test evaluation of the epoch whose validation acc1 was highest (the first
+    such epoch), its epoch counted as everywhere: epochs completed."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    train_labels = rng.permutation(np.repeat(np.arange(4), [40, 20, 10, 5])).astype(np.uint8)
+    held_out = np.tile(np.arange(4), 6).astype(np.uint8)
+    npz = tmp_path / "data.npz"
+    np.savez(
+        npz,
+        **{
+            f"{split}_images": rng.integers(0, 256, (len(labels), 8, 8, 3), dtype=np.uint8)
+            for split, labels in (("train", train_labels), ("test", held_out), ("val", held_out))
+        },
+        train_labels=train_labels,
+        test_labels=held_out,
+        val_labels=held_out,
+    )
+    config = {
+        "seed": 0,
+        "data": {"dataset": {"name": "array_file", "params": {"path": str(npz), "pad": 1}}, "batch_size": 16},
+        "trainer": {"epochs": 4, "eval_every": 1, "device": "cpu"},
+        "defaults": {
+            "backbone": {"name": "small_cnn", "params": {"in_channels": 3, "width": 4}},
+            "optimizer": {"name": "sgd", "params": {"lr": 0.1}},
+            "loss": {"name": "cross_entropy"},
+        },
+        "runs": [
+            {"name": "ce", "posthoc": [{"name": "posthoc_logit_adjustment"}]},
+            {"name": "focal", "loss": {"name": "focal"}},
+        ],
+        # shot_accuracy declares no headline: the headline is accuracy's acc1
+        "evaluators": [{"name": "shot_accuracy"}, {"name": "accuracy"}],
+    }
+    results = ibcore.run(config, out_dir=tmp_path / "out", quiet=True)
+    assert [row["run"] for row in results.best_rows] == ["ce", "ce+posthoc_logit_adjustment", "focal"]
+    for best in results.best_rows:
+        val = results.metrics(best["run"], split="val")
+        assert [m["epoch"] for m in val] == [1, 2, 3, 4]
+        chosen = max(val, key=lambda m: (m["acc1"], -m["epoch"]))  # the first epoch with the highest score
+        test = next(m for m in results.metrics(best["run"]) if m["epoch"] == chosen["epoch"])
+        assert best["epoch"] == chosen["epoch"] and best["acc1"] == test["acc1"], best["run"]
+    assert "## Best epoch, selected on the validation split" in (results.run_dir / "results.md").read_text()
+    assert "epoch 1: test acc@1 (%) ce=" in (results.run_dir / "train.log").read_text()
 
 
 def test_a_bad_override_fails_before_anything_is_written(tmp_path: Path) -> None:
@@ -380,7 +445,29 @@ def test_resume_in_process_reaches_the_same_numbers(tmp_path: Path) -> None:
                 ].items()
             },
         )
-        assert results.row(run)["acc@1 (%)"] == full.row(run)["acc@1 (%)"]
+        assert results.row(run)["acc1"] == full.row(run)["acc1"]
+    # the resumed metrics.jsonl holds the lines of the uninterrupted run, epochs counted the same way
+    strip = {"seconds"}
+    resumed_lines = [{k: v for k, v in m.items() if k not in strip} for m in results.history]
+    assert resumed_lines == [{k: v for k, v in m.items() if k not in strip} for m in full.history]
+    assert [m["epoch"] for m in full.metrics("ce")] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_an_older_ibcore_resumes_with_epochs_counted_as_completed(tmp_path: Path) -> None:
+    """Before metrics_format 2 a checkpoint's history counted epochs from 0: restore shifts them, so the
+    rewritten metrics.jsonl says what a new run says."""
+    trainer = make_trainer(tiny_config(epochs=1), tmp_path, "old")
+    trainer.fit()
+    state = load_latest(trainer.run_dir / "checkpoints")
+    new_epochs = [line["epoch"] for line in state["history"]]
+    assert new_epochs == [1, 1, 1, 1] and state["metrics_format"] == 2
+    del state["metrics_format"]
+    state["history"] = [{**line, "epoch": line["epoch"] - 1} for line in state["history"]]
+    resumed = Trainer(load_experiment(tiny_config(epochs=1)), trainer.run_dir, quiet=True)
+    resumed.restore(state)
+    assert [line["epoch"] for line in resumed.history] == new_epochs
+    lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == new_epochs
 
 
 def test_the_written_config_keeps_a_mixer_that_a_stage_does_not_mention(tmp_path: Path) -> None:
@@ -606,7 +693,7 @@ def test_resuming_during_lws_reaches_the_same_numbers(tmp_path: Path) -> None:
     results = resumed.fit()
     reference = load_checkpoint(full.run_dir / "checkpoints" / "epoch-0003.pt")["runs"]["lws"]["model"]
     assert_same_state(state_of(resumed, "lws"), reference)
-    assert results.row("lws")["acc@1 (%)"] == full.row("lws")["acc@1 (%)"]
+    assert results.row("lws")["acc1"] == full.row("lws")["acc1"]
 
 
 @pytest.mark.parametrize("batchnorm", ["frozen", "update"])

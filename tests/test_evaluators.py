@@ -62,31 +62,31 @@ def test_top_k_accuracy_in_percent():
         ]
     )
     result = evaluate(build("accuracy", {"top_k": [1, 2, 5]}, num_classes=6), logits, [0, 4, 0, 5])
-    assert result == {"acc@1 (%)": 25.0, "acc@2 (%)": 50.0, "acc@5 (%)": 75.0}
+    assert result == {"acc1": 25.0, "acc2": 50.0, "acc5": 75.0}
 
 
 def test_per_class_accuracy_reports_absent_classes_as_none():
     result = evaluate(build("per_class_accuracy", num_classes=4), logits_for(PREDICTIONS, 4), TARGETS)
-    assert result["per_class_acc (%)"] == [50.0, 100.0, 50.0, None]
+    assert result["per_class_acc"] == [50.0, 100.0, 50.0, None]
     assert result["classes_without_samples"] == [3]
 
 
 def test_balanced_accuracy_is_the_mean_recall_of_present_classes():
     result = evaluate(build("balanced_accuracy", num_classes=4), logits_for(PREDICTIONS, 4), TARGETS)
-    assert result["balanced_acc (%)"] == pytest.approx(100 * (0.5 + 1.0 + 0.5) / 3)
+    assert result["balanced_acc"] == pytest.approx(100 * (0.5 + 1.0 + 0.5) / 3)
 
 
 def test_macro_f1_by_hand():
     result = evaluate(build("macro_f1", num_classes=4), logits_for(PREDICTIONS, 4), TARGETS)
     # Class 3 never occurs (neither target nor prediction) and is left out, as scikit-learn does.
-    assert result["macro_f1 (%)"] == pytest.approx(100 * (2 / 4 + 4 / 5 + 2 / 3) / 3)
+    assert result["macro_f1"] == pytest.approx(100 * (2 / 4 + 4 / 5 + 2 / 3) / 3)
 
 
 def test_macro_f1_counts_a_predicted_but_absent_class_as_zero():
     predictions = [0, 1, 1, 1, 3, 2]  # class 3 predicted once, never a target: F1 = 0
     result = evaluate(build("macro_f1", num_classes=4), logits_for(predictions, 4), TARGETS)
     # class 0: TP1 FP0 FN1 -> 2/3; class 1: TP2 FP1 FN0 -> 4/5; class 2: TP1 FP0 FN1 -> 2/3; class 3: 0.
-    assert result["macro_f1 (%)"] == pytest.approx(100 * (2 / 3 + 4 / 5 + 2 / 3 + 0) / 4)
+    assert result["macro_f1"] == pytest.approx(100 * (2 / 3 + 4 / 5 + 2 / 3 + 0) / 4)
 
 
 def test_confusion_matrix_rows_are_true_classes():
@@ -112,13 +112,13 @@ def test_ece_by_hand_with_fifteen_bins():
     # Bins of width 1/15: 0.9 in (13/15, 14/15], 0.7 in (10/15, 11/15], 0.75 in (11/15, 12/15].
     # ECE = 2/4 * |1/2 - 0.9| + 1/4 * |1 - 0.7| + 1/4 * |1 - 0.75| = 0.2 + 0.075 + 0.0625 = 0.3375.
     result = evaluate(build("ece", num_classes=2), logits, targets)
-    assert result["ece (%)"] == pytest.approx(33.75)
+    assert result["ece"] == pytest.approx(33.75)
 
 
 def test_ece_with_one_bin_is_the_gap_between_accuracy_and_mean_confidence():
     logits, targets = _calibration_batch()
     result = evaluate(build("ece", {"num_bins": 1}, num_classes=2), logits, targets)
-    assert result["ece (%)"] == pytest.approx(100 * abs(3 / 4 - (0.9 + 0.9 + 0.7 + 0.75) / 4))
+    assert result["ece"] == pytest.approx(100 * abs(3 / 4 - (0.9 + 0.9 + 0.7 + 0.75) / 4))
 
 
 def test_nll_is_the_mean_negative_log_likelihood():
@@ -136,8 +136,8 @@ def test_shot_groups_on_cifar10_lt_ir100():
     # Kang et al.: many > 100 training images (139 and up), medium 20..100 (83, 50), few < 20 (none).
     result = evaluate(evaluator, logits_for(list(range(10)), 10), list(range(10)))
     assert result["shot_groups"] == {"many": [0, 1, 2, 3, 4, 5, 6, 7], "medium": [8, 9], "few": []}
-    assert result["many (%)"] == 100.0 and result["medium (%)"] == 100.0
-    assert result["few (%)"] is None  # an empty group reports None, never NaN
+    assert result["many_acc"] == 100.0 and result["medium_acc"] == 100.0
+    assert result["few_acc"] is None  # an empty group reports None, never NaN
 
 
 def test_shot_accuracy_averages_per_class_accuracies():
@@ -147,9 +147,9 @@ def test_shot_accuracy_averages_per_class_accuracies():
     targets = [0, 0, 0, 0, 1, 2, 2]
     predictions = [0, 0, 0, 0, 0, 2, 0]
     result = evaluate(evaluator, logits_for(predictions, 4), targets)
-    assert result["many (%)"] == 50.0  # the mean of 100% and 0%, not the pooled 4/5 = 80%
-    assert result["medium (%)"] == 50.0
-    assert result["few (%)"] is None  # its only class has no test images
+    assert result["many_acc"] == 50.0  # the mean of 100% and 0%, not the pooled 4/5 = 80%
+    assert result["medium_acc"] == 50.0
+    assert result["few_acc"] is None  # its only class has no test images
 
 
 def test_shot_thresholds_are_strict_and_configurable():
@@ -218,15 +218,40 @@ def test_compute_before_any_update_reports_no_numbers(name):
     assert all(value is None for value in scalars)
 
 
-def test_percent_keys_say_so_and_are_in_percent():
+def test_keys_are_plain_and_percent_labels_say_so_and_are_in_percent():
     logits, targets = _random_batch()
     for name in EVALUATORS:
-        result = evaluate(build(name, {}, 5, (200, 120, 60, 30, 10)), logits, targets)
+        evaluator = build(name, {}, 5, (200, 120, 60, 30, 10))
+        result = evaluate(evaluator, logits, targets)
         for key, value in result.items():
-            if key.endswith(" (%)") and isinstance(value, float):
+            assert key.isidentifier(), key  # usable as a pandas column or a tracker's metric name as it is
+            if evaluator.labels.get(key, "").endswith(" (%)") and isinstance(value, float):
                 assert 0.0 <= value <= 100.0
-    accuracy = evaluate(build("accuracy", {}, 5), logits, targets)["acc@1 (%)"]
+        assert set(evaluator.labels) <= set(result), name  # a label names a key the evaluator reports
+    accuracy = evaluate(build("accuracy", {}, 5), logits, targets)["acc1"]
     assert accuracy == pytest.approx(100 * (logits.argmax(1) == targets).float().mean().item())
+
+
+def test_display_labels_and_headlines_of_the_built_in_evaluators():
+    from ibcore.report.labels import display_label, evaluator_labels, headline_key
+
+    counts = (200, 120, 60, 30, 10)
+    built = [build(name, {"top_k": [1, 5]} if name == "accuracy" else {}, 5, counts) for name in EVALUATORS]
+    labels = evaluator_labels(built)
+    assert {k: labels[k] for k in ("acc1", "acc5", "many_acc", "medium_acc", "few_acc", "balanced_acc")} == {
+        "acc1": "acc@1 (%)",
+        "acc5": "acc@5 (%)",
+        "many_acc": "many (%)",
+        "medium_acc": "medium (%)",
+        "few_acc": "few (%)",
+        "balanced_acc": "balanced (%)",
+    }
+    assert labels["ece"] == "ece (%)" and labels["macro_f1"] == "macro F1 (%)"
+    assert display_label("nll", labels) == "nll"  # no label declared: the key is shown
+    # the first evaluator (in the config's order) that declares a headline gives it
+    assert headline_key(built) == "acc1"
+    assert headline_key([b for b in built if b.name != "accuracy"]) == "balanced_acc"
+    assert headline_key([build("ece", {}, 5), build("nll", {}, 5)]) is None
 
 
 def test_bfloat16_logits_are_accepted():

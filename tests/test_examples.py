@@ -150,3 +150,48 @@ def test_cifar_recipes_follow_the_ldam_drw_schedule(file: str, dataset: str, roo
     (lws,) = runs["lws"].stages  # the same stage, keeping the classifier and learning a scale per class
     assert lws.scale_classifier and not lws.retrain_classifier and lws.from_epoch == crt.from_epoch
     assert lws.optimizer is not None and lws.optimizer.params["weight_decay"] == 0.0
+
+
+# -- docs/notebook.md: its code runs as written -------------------------------------------------
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebook.md"
+
+
+def test_the_notebook_page_runs_and_plots_accuracy_over_epochs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every ```python block of docs/notebook.md, in order, in one namespace: 2 epochs on the CPU."""
+    import re
+
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = re.findall(r"```python\n(.*?)```", NOTEBOOK.read_text(encoding="utf-8"), re.DOTALL)
+    assert len(blocks) >= 3
+    real_run = ibcore.run
+
+    def short_run(config: Any, **kwargs: Any) -> Any:
+        overrides = ["trainer.epochs=2", "trainer.device=cpu"]
+        return real_run(config, overrides=overrides, **kwargs)
+
+    monkeypatch.setattr(ibcore, "run", short_run)
+    monkeypatch.chdir(tmp_path)  # out_dir "runs" and accuracy.png land here
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, str(NOTEBOOK), "exec"), namespace)  # noqa: S102 - our own documentation
+    out = capsys.readouterr().out
+    results = namespace["results"]
+    assert results.run_dir.resolve().parent == (tmp_path / "runs").resolve()
+    assert (tmp_path / "accuracy.png").is_file()
+    # quiet: only what the page itself prints
+    assert out.splitlines() == [f"{m['run']} {round(m['metrics']['few_acc']['mean'], 2)}" for m in results.summary]
+    # the figure: one curve per run, at epochs 1 and 2
+    axes = namespace["ax"]
+    assert [line.get_label() for line in axes.get_lines()] == ["ce", "balanced_softmax", "cb_sampling"]
+    for line, run in zip(axes.get_lines(), results.runs, strict=True):
+        assert list(line.get_xdata()) == [1, 2]
+        assert list(line.get_ydata()) == [m["acc1"] for m in results.metrics(run)]
+    assert axes.get_ylabel() == "acc@1 (%)"
+    assert namespace["final"]["epoch"] == 2 and namespace["final"]["acc1"] == results.row("ce")["acc1"]
+    plt.close("all")

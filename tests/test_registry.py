@@ -120,8 +120,18 @@ def test_snapshot_restores_an_installed_component_replaced_inside_it() -> None:
 def test_registering_a_name_twice_is_an_error_unless_replace() -> None:
     with registry_snapshot():
         _register_tiny_loss()
-        with pytest.raises(RegistryError, match=r"loss 'tiny_loss' is already registered by local:.*replace=True"):
-            _register_tiny_loss()
+
+        def build_other(params: Params, context: BuildContext) -> ConstantLoss:
+            """Another loss that wants the same name."""
+            return ConstantLoss(1.0)
+
+        with pytest.raises(
+            RegistryError,
+            match=r"loss 'tiny_loss' is already registered by local:\S+ "
+            r"\(\S+_register_tiny_loss.<locals>.build_tiny\); "
+            r"\S+build_other is another definition: choose another name, or pass replace=True",
+        ):
+            register_loss("tiny_loss")(build_other)
 
         @register_loss("tiny_loss", replace=True)
         def build_again(params: Params, context: BuildContext) -> ConstantLoss:
@@ -130,6 +140,51 @@ def test_registering_a_name_twice_is_an_error_unless_replace() -> None:
 
         assert ibcore.build("loss", "tiny_loss")(None, None) == -1.0
         assert resolve("loss", "tiny_loss").description == "The replacement."
+
+
+NOTEBOOK_CELL = """\
+from ibcore import BuildContext, Params, register_loss
+
+@register_loss("ibtest_cell_loss")
+def build_cell_loss(params: Params, context: BuildContext):
+    \"\"\"%s\"\"\"
+    return lambda logits, targets, sample_weight=None: %s
+"""
+
+
+def _run_cell(source: str, module: str = "ibtest_notebook") -> None:
+    """Execute ``source`` as a notebook does: in the namespace of one module, again on each run."""
+    exec(compile(source, "<cell>", "exec"), {"__name__": module})
+
+
+def test_re_running_a_notebook_cell_replaces_its_registration() -> None:
+    with registry_snapshot():
+        _run_cell(NOTEBOOK_CELL % ("First version.", "1.0"))
+        _run_cell(NOTEBOOK_CELL % ("Edited and run again.", "2.0"))  # the same function, redefined: no error
+        info = resolve("loss", "ibtest_cell_loss")
+        assert info.provider == "local:ibtest_notebook"
+        assert info.description == "Edited and run again."
+        assert ibcore.build("loss", "ibtest_cell_loss")(None, None) == 2.0
+        assert [i.provider for i in ibcore.list_components("loss", "ibtest_cell_loss")] == ["local:ibtest_notebook"]
+
+
+def test_another_function_or_module_under_a_registered_name_still_clashes() -> None:
+    with registry_snapshot():
+        _run_cell(NOTEBOOK_CELL % ("First.", "1.0"))
+        renamed = (NOTEBOOK_CELL % ("Another function.", "3.0")).replace("build_cell_loss", "build_other")
+        with pytest.raises(
+            RegistryError,
+            match=r"already registered by local:ibtest_notebook \(ibtest_notebook\."
+            r"build_cell_loss\); ibtest_notebook\.build_other is another definition",
+        ):
+            _run_cell(renamed)
+        with pytest.raises(RegistryError, match=r"'ibtest_cell_loss' is already provided by local:ibtest_notebook"):
+            _run_cell(NOTEBOOK_CELL % ("Same function, another module.", "4.0"), module="ibtest_elsewhere")
+        # two lambdas of one module share the qualified name '<lambda>': their lines tell them apart
+        register_loss("ibtest_lambda")(lambda params, context: ConstantLoss(0.0))
+        with pytest.raises(RegistryError, match=r"<lambda> at line \d+ is another definition"):
+            register_loss("ibtest_lambda")(lambda params, context: ConstantLoss(1.0))
+        assert ibcore.build("loss", "ibtest_cell_loss")(None, None) == 1.0
 
 
 def test_taking_an_installed_name_in_user_code_needs_replace() -> None:

@@ -80,31 +80,36 @@ def test_the_dataset_subset_follows_the_seed_unless_pinned(tmp_path: Path) -> No
 def test_the_summary_is_mean_and_sample_std_of_the_seed_rows(tmp_path: Path) -> None:
     config = tiny_config(epochs=1)
     config["seeds"] = [0, 1, 2]
-    config["runs"][0]["reference"] = {"acc@1 (%)": 70.36, "source": "LDAM-DRW Table 2"}
+    config["runs"][0]["reference"] = {"acc1": 70.36, "source": "LDAM-DRW Table 2"}
+    config["runs"][1]["reference"] = {"acc@1 (%)": 50.0, "source": "a label names its key"}  # display label
     results = ibcore.run(config, out_dir=tmp_path, quiet=True)
     payload = json.loads((results.run_dir / "results.json").read_text())
     assert [row["run"] for row in payload["last"]] == [f"{m}@seed{s}" for m in ("ce", "focal") for s in (0, 1, 2)]
     summary = {row["run"]: row for row in payload["summary"]}
     assert summary.keys() == {"ce", "focal"}
     for method in ("ce", "focal"):
-        for metric in ("acc@1 (%)", "few (%)"):
+        for metric in ("acc1", "few_acc"):
             values = [row[metric] for row in payload["last"] if row["method"] == method]
             stats = summary[method]["metrics"][metric]
             assert stats["n"] == 3 and stats["values"] == values
             assert stats["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
             assert stats["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
     ce = summary["ce"]
-    assert ce["reference"] == {"source": "LDAM-DRW Table 2", "acc@1 (%)": 70.36}
-    assert ce["difference"]["acc@1 (%)"] == pytest.approx(ce["metrics"]["acc@1 (%)"]["mean"] - 70.36)
-    assert "reference" not in summary["focal"]
+    assert ce["reference"] == {"source": "LDAM-DRW Table 2", "acc1": 70.36}
+    assert ce["difference"]["acc1"] == pytest.approx(ce["metrics"]["acc1"]["mean"] - 70.36)
+    focal = summary["focal"]
+    assert focal["reference"] == {"source": "a label names its key", "acc1": 50.0}
+    assert focal["difference"]["acc1"] == pytest.approx(focal["metrics"]["acc1"]["mean"] - 50.0)
+    assert "is no metric of the results" not in (results.run_dir / "train.log").read_text()
     # the tables print one row per method, as "mean ± std (n)", with the published value and our difference
     markdown = (results.run_dir / "results.md").read_text()
-    acc = ce["metrics"]["acc@1 (%)"]
+    acc = ce["metrics"]["acc1"]
     assert f"{acc['mean']:.2f} ± {acc['std']:.2f} (3)" in markdown
-    assert "| 70.36 | " + f"{ce['difference']['acc@1 (%)']:+.2f}" in markdown
+    assert "| 70.36 | " + f"{ce['difference']['acc1']:+.2f}" in markdown
     assert "- ce: LDAM-DRW Table 2" in markdown and "Per seed:" in markdown
     summary_csv = (results.run_dir / "summary.csv").read_text().splitlines()
-    assert summary_csv[0].startswith("method,seeds,n,status,acc@1 (%) mean,acc@1 (%) std,acc@1 (%) n")
+    assert summary_csv[0].startswith("method,seeds,n,status,acc1_mean,acc1_std,acc1_n")
+    assert summary_csv[0].endswith(",acc1_published,acc1_difference")
     assert summary_csv[1].startswith("ce,0 1 2,3,ok,")
     # `ib report` renders the same tables from results.json
     (results.run_dir / "results.md").unlink()
@@ -114,14 +119,14 @@ def test_the_summary_is_mean_and_sample_std_of_the_seed_rows(tmp_path: Path) -> 
 
 def test_a_failed_seed_is_counted_and_not_averaged(tmp_path: Path) -> None:
     rows = [
-        {"run": "ce@seed0", "method": "ce", "seed": 0, "status": "ok", "epoch": 3, "acc@1 (%)": 70.0},
-        {"run": "ce@seed1", "method": "ce", "seed": 1, "status": "failed: non-finite loss at epoch 1, batch 4",
-         "epoch": 1, "acc@1 (%)": 10.0},
-        {"run": "ce@seed2", "method": "ce", "seed": 2, "status": "ok", "epoch": 3, "acc@1 (%)": 74.0},
+        {"run": "ce@seed0", "method": "ce", "seed": 0, "status": "ok", "epoch": 3, "acc1": 70.0},
+        {"run": "ce@seed1", "method": "ce", "seed": 1, "status": "failed: non-finite loss at epoch 2, batch 4",
+         "epoch": 1, "acc1": 10.0},
+        {"run": "ce@seed2", "method": "ce", "seed": 2, "status": "ok", "epoch": 3, "acc1": 74.0},
     ]  # fmt: skip
     (summary,) = summarise(rows)
-    assert summary["status"] == "failed 1 of 3 (seed 1: non-finite loss at epoch 1, batch 4)"
-    assert summary["n"] == 2 and summary["metrics"]["acc@1 (%)"]["mean"] == 72.0
+    assert summary["status"] == "failed 1 of 3 (seed 1: non-finite loss at epoch 2, batch 4)"
+    assert summary["n"] == 2 and summary["metrics"]["acc1"]["mean"] == 72.0
     assert "72.00 ± 2.83 (2)" in to_markdown(rows)
 
 
@@ -151,10 +156,8 @@ def test_a_run_that_fails_in_one_seed_is_shown_in_the_table(tmp_path: Path) -> N
         results = ibcore.run(path, out_dir=tmp_path / "out", quiet=True)
     assert results.row("fragile@seed0")["status"] == "ok"
     (summary,) = results.summary
-    assert summary["status"] == "failed 1 of 2 (seed 1: non-finite loss at epoch 0, batch 0)"
-    assert summary["n"] == 1 and summary["metrics"]["acc@1 (%)"]["values"] == [
-        results.row("fragile@seed0")["acc@1 (%)"]
-    ]
+    assert summary["status"] == "failed 1 of 2 (seed 1: non-finite loss at epoch 1, batch 1)"
+    assert summary["n"] == 1 and summary["metrics"]["acc1"]["values"] == [results.row("fragile@seed0")["acc1"]]
 
 
 def test_fused_runs_of_several_seeds_stack_and_match_the_sequential_reference(tmp_path: Path, float64: None) -> None:

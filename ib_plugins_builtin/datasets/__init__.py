@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AliasChoices, ConfigDict, Field, model_validator
 
-from ibcore import BuildContext, Params, register_dataset
+from ibcore import BuildContext, DataPath, Params, register_dataset
 
 if TYPE_CHECKING:
     from ib_plugins_builtin.datasets._splits import ImageDataset
@@ -69,6 +69,10 @@ class MnistLTParams(Params):
     )
     augment: bool = Field(False, description="pad 2 + random 28x28 crop on the train split (never a flip)")
 
+    def num_classes_hint(self) -> int:
+        """The ten digits, known without loading data (so ``ib validate`` checks per-class lists)."""
+        return 10
+
     @model_validator(mode="before")
     @classmethod
     def _old_seed_name(cls, data: Any) -> Any:
@@ -88,7 +92,7 @@ class MnistLTParams(Params):
 class CifarLTParams(Params):
     """Params of ``cifar10_lt`` and ``cifar100_lt``."""
 
-    root: str = Field(
+    root: Annotated[str, DataPath] = Field(
         ...,
         min_length=1,
         description="folder holding cifar-10-batches-py / cifar-100-python, or that folder itself",
@@ -112,13 +116,29 @@ class CifarLTParams(Params):
     )
 
 
+class Cifar10LTParams(CifarLTParams):
+    """Params of ``cifar10_lt``."""
+
+    def num_classes_hint(self) -> int:
+        """CIFAR-10's classes, known without loading data (so ``ib validate`` checks per-class lists)."""
+        return 10
+
+
+class Cifar100LTParams(CifarLTParams):
+    """Params of ``cifar100_lt``."""
+
+    def num_classes_hint(self) -> int:
+        """CIFAR-100's classes, known without loading data (so ``ib validate`` checks per-class lists)."""
+        return 100
+
+
 _PositiveFloat = Annotated[float, Field(gt=0.0)]
 
 
 class ArrayFileParams(Params):
     """Params of ``array_file``."""
 
-    path: str = Field(
+    path: Annotated[str, DataPath] = Field(
         ...,
         min_length=1,
         description=".npz file with train_images, train_labels, test_images, test_labels (optional val_images + "
@@ -171,6 +191,10 @@ class ArrayFileParams(Params):
         "after the cut)",
     )
 
+    def num_classes_hint(self) -> int | None:
+        """``num_classes`` when the config sets it (otherwise only the file knows)."""
+        return self.num_classes
+
     @model_validator(mode="after")
     def _cut_options_need_a_ratio(self) -> ArrayFileParams:
         problems = []
@@ -200,7 +224,9 @@ class ArrayFileParams(Params):
 class ImageListParams(Params):
     """Params of ``image_list``."""
 
-    root: str = Field(..., min_length=1, description="folder the image paths in the list files are relative to")
+    root: Annotated[str, DataPath] = Field(
+        ..., min_length=1, description="folder the image paths in the list files are relative to"
+    )
     train_list: str = Field(..., min_length=1, description="list file of the train split ('path label' lines)")
     test_list: str = Field(..., min_length=1, description="list file of the test split")
     val_list: str | None = Field(None, min_length=1, description="list file of an optional validation split")
@@ -208,11 +234,17 @@ class ImageListParams(Params):
     image_size: int = Field(224, ge=8, description="side of the square crop fed to the network")
     augment: bool = Field(True, description="RandomResizedCrop + horizontal flip on the train split")
 
+    def num_classes_hint(self) -> int | None:
+        """``num_classes`` when the config sets it (otherwise only the list files know)."""
+        return self.num_classes
+
 
 class ImageFolderParams(Params):
     """Params of ``image_folder``."""
 
-    root: str = Field(..., min_length=1, description="folder holding <train_dir>/<class>/*, <test_dir>/<class>/*")
+    root: Annotated[str, DataPath] = Field(
+        ..., min_length=1, description="folder holding <train_dir>/<class>/*, <test_dir>/<class>/*"
+    )
     train_dir: str = Field("train", min_length=1, description="train sub-folder of root")
     test_dir: str = Field("test", min_length=1, description="test sub-folder of root")
     val_dir: str | None = Field(
@@ -265,8 +297,8 @@ def _build_cifar(num_classes: int, params: CifarLTParams, context: BuildContext)
     )
 
 
-@register_dataset("cifar10_lt", CifarLTParams, citation=CIFAR_LT_CITATION)
-def build_cifar10_lt(params: CifarLTParams, context: BuildContext) -> ImageDataset:
+@register_dataset("cifar10_lt", Cifar10LTParams, citation=CIFAR_LT_CITATION)
+def build_cifar10_lt(params: Cifar10LTParams, context: BuildContext) -> ImageDataset:
     """Long-tailed CIFAR-10 (Cao et al. protocol) from the official python batches; balanced test split.
 
     Normalisation of LDAM-DRW: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
@@ -274,8 +306,8 @@ def build_cifar10_lt(params: CifarLTParams, context: BuildContext) -> ImageDatas
     return _build_cifar(10, params, context)
 
 
-@register_dataset("cifar100_lt", CifarLTParams, citation=CIFAR_LT_CITATION)
-def build_cifar100_lt(params: CifarLTParams, context: BuildContext) -> ImageDataset:
+@register_dataset("cifar100_lt", Cifar100LTParams, citation=CIFAR_LT_CITATION)
+def build_cifar100_lt(params: Cifar100LTParams, context: BuildContext) -> ImageDataset:
     """Long-tailed CIFAR-100 (Cao et al. protocol) from the official python batches; balanced test split.
 
     Normalisation of LDAM-DRW: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010).
@@ -352,6 +384,8 @@ def build_image_folder(params: ImageFolderParams, context: BuildContext) -> Imag
 
 __all__ = [
     "ArrayFileParams",
+    "Cifar100LTParams",
+    "Cifar10LTParams",
     "CifarLTParams",
     "ImageFolderParams",
     "ImageListParams",

@@ -4,6 +4,19 @@ Only file names and labels are read when the dataset is built; images are decode
 torchvision's transforms) one at a time in ``__getitem__``. Augmentation is the standard ImageNet
 recipe: RandomResizedCrop + horizontal flip for training, Resize(size * 256/224) + CenterCrop for
 evaluation, both normalised with the ImageNet mean and std.
+
+Paths and links. ``image_list``: a path in a list file is relative to ``root`` and must stay inside it
+(no ``..`` leading out of it; an absolute path only under ``root``, so ``root: /`` takes a list of
+absolute paths; checked on the text, so a symbolic link inside ``root`` may point anywhere); naming one
+image on several lines is allowed (it is then used that many times).
+``image_folder``: the split and class folders may be symbolic links; inside a class folder, links to
+files are followed (each link is one image) and links to folders are followed too, but every real
+folder is read at most once per class folder and never one the class folder is in, so a link to the
+folder itself (``ln -s . loop``), to a folder above it (``ln -s .. up``: the split folder, root) or a
+second link to one folder adds nothing. Hidden entries (names starting with
+``.``: ``.ipynb_checkpoints``, macOS ``._x.jpg`` files) are skipped, as hidden class folders are. An
+image name that is not a readable file (a dangling link, a FIFO) or a folder that cannot be listed is a
+``DataError`` when the data set is built: the class counts are always what is on disk.
 """
 
 from __future__ import annotations
@@ -130,6 +143,25 @@ def _check_labels(parsed: ListFile, num_classes: int) -> None:
         )
 
 
+def _check_inside_root(parsed: ListFile, root: Path) -> None:
+    """Every path of a list file leads to a file under ``root`` (a text check: no file is opened).
+
+    Relative paths are the rule; an absolute one is accepted when it lies under ``root`` (``root: /``
+    for a list of absolute paths). ``..`` may be used as long as the path stays inside ``root``.
+    """
+    top = os.path.normpath(os.path.abspath(root))
+    prefix = top if top.endswith(os.sep) else top + os.sep
+    for relative, line_number in zip(parsed.relative_paths, parsed.line_numbers, strict=True):
+        target = os.path.normpath(os.path.join(top, relative.replace("\\", "/")))
+        if target != top and not target.startswith(prefix):
+            raise DataError(
+                f"{parsed.path}:{line_number}: image path {relative!r} leads outside root {root}; paths in a list "
+                "file are relative to the image_list root and stay inside it (set root to a folder that holds every "
+                "image, e.g. their common parent, and write the paths relative to it; for a list of absolute "
+                "paths, set root to '/')."
+            )
+
+
 def build_image_list(
     *,
     root: str,
@@ -152,6 +184,7 @@ def build_image_list(
     if num_classes is None:
         num_classes = int(max(p.labels.max() for p in parsed.values())) + 1
     for lists in parsed.values():
+        _check_inside_root(lists, root_path)
         _check_labels(lists, num_classes)
     train_counts = count_classes(parsed["train"].labels, num_classes)
     _check_has_every_class(train_counts, f"train list {parsed['train'].path}")
@@ -176,9 +209,80 @@ def build_image_list(
 FOLDER_LAYOUT = "expected <root>/<split>/<class name>/<image> (torchvision ImageFolder layout)"
 
 
+def _scan(folder: str | Path) -> list[os.DirEntry[str]]:
+    """The entries of ``folder`` sorted by name; a folder that cannot be listed is a DataError."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as exc:
+        raise DataError(f"cannot list the image folder {folder}: {exc.strerror or exc}") from exc
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows a symbolic link
+    except OSError:
+        return False
+
+
 def list_class_folders(folder: Path) -> list[str]:
     """Class names: the sub-folders, sorted as torchvision's ImageFolder sorts them (hidden ones skipped)."""
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    return [entry.name for entry in _scan(folder) if not entry.name.startswith(".") and _is_dir(entry)]
+
+
+def _folder_key(directory: str | Path) -> tuple[int, int] | str | None:
+    """A folder's identity (device, inode), its resolved path where the file system has no inode numbers."""
+    try:
+        status = os.stat(directory)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino) if status.st_ino else os.path.realpath(directory)
+
+
+def _image_files(class_dir: Path) -> list[str]:
+    """Image files under ``class_dir``, in ``os.walk``'s sorted top-down order, each real folder read once.
+
+    Links are followed, but a folder reached again (through ``ln -s . loop``, a link to a folder above
+    the class folder, a second link to one folder) is skipped: a loop can neither multiply the images nor
+    hang the walk.
+    Hidden entries are skipped. An image name that is no readable file is a DataError.
+    """
+    paths: list[str] = []
+    # the folders above the class folder count as read: a link to one of them (`ln -s .. up`) adds nothing
+    above = {*Path(os.path.realpath(class_dir)).parents, *Path(os.path.abspath(class_dir)).parents}
+    seen = {key for key in map(_folder_key, above) if key is not None}
+    pending = [str(class_dir)]
+    while pending:
+        directory = pending.pop()
+        key = _folder_key(directory)
+        if key is None:
+            raise DataError(f"cannot read the image folder {directory}: it vanished or cannot be opened")
+        if key in seen:
+            continue  # reached again through a link
+        seen.add(key)
+        subfolders = []
+        for entry in _scan(directory):
+            if entry.name.startswith("."):
+                continue
+            if _is_dir(entry):
+                subfolders.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                try:
+                    regular = entry.is_file()  # follows a link: False for a dangling one, a FIFO, a socket
+                except OSError:
+                    regular = False
+                if not regular:
+                    what = (
+                        "a symbolic link to nothing"
+                        if entry.is_symlink() and not os.path.exists(entry.path)
+                        else "not a regular file"
+                    )
+                    raise DataError(
+                        f"image_folder: {entry.path} is {what}; remove it or replace it with the image file."
+                    )
+                paths.append(entry.path)
+        pending.extend(reversed(subfolders))  # depth-first, in sorted order, like os.walk
+    return paths
 
 
 def list_images(folder: Path, class_names: list[str], split_name: str) -> tuple[list[str], np.ndarray]:
@@ -196,12 +300,9 @@ def list_images(folder: Path, class_names: list[str], split_name: str) -> tuple[
         class_dir = folder / name
         if not class_dir.is_dir():
             continue  # an evaluation split may lack a class; the train split is checked separately
-        for directory, subdirs, files in os.walk(class_dir, followlinks=True):
-            subdirs.sort()
-            for file_name in sorted(files):
-                if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(directory, file_name))
-                    labels.append(label)
+        found = _image_files(class_dir)
+        paths += found
+        labels += [label] * len(found)
     return paths, np.asarray(labels, dtype=np.int64)
 
 

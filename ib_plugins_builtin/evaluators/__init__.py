@@ -1,8 +1,9 @@
 """Built-in evaluators (registered on import; torch is imported by the factories).
 
 Evaluators are torchmetrics-style (``reset``/``update``/``compute``); state stays on the logits'
-device and ``update`` never syncs with the host. Percentages are in percent (0-100) under keys
-ending in ``" (%)"``; lists, dicts and matrices are allowed values and stay out of tables.
+device and ``update`` never syncs with the host. Keys are plain identifiers (``acc1``, ``many_acc``); percentages
+are in percent (0-100), and each evaluator's ``labels`` give the tables' column headers ("acc@1 (%)").
+Lists, dicts and matrices are allowed values and stay out of tables.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _num_classes(component: str, context: BuildContext) -> int:
 
 @register_evaluator("accuracy", AccuracyParams)
 def build_accuracy(params: AccuracyParams, context: BuildContext) -> _impl.Accuracy:
-    """Top-k accuracy in percent ("acc@1 (%)", "acc@5 (%)", ...)."""
+    """Top-k accuracy in percent (keys ``acc1``, ``acc5``, ...; shown as "acc@1 (%)", ...)."""
     from ib_plugins_builtin.evaluators._impl import Accuracy
 
     num_classes = _num_classes("evaluator 'accuracy'", context)
@@ -70,7 +71,7 @@ def build_accuracy(params: AccuracyParams, context: BuildContext) -> _impl.Accur
 
 @register_evaluator("per_class_accuracy", NoParams)
 def build_per_class_accuracy(params: NoParams, context: BuildContext) -> _impl.PerClassAccuracy:
-    """Accuracy of every class in percent ("per_class_acc (%)"; None for a class absent from the test split)."""
+    """Accuracy of every class in percent (``per_class_acc``; None for a class absent from the test split)."""
     from ib_plugins_builtin.evaluators._impl import PerClassAccuracy
 
     return PerClassAccuracy(_num_classes("evaluator 'per_class_accuracy'", context))
@@ -83,7 +84,10 @@ def build_per_class_accuracy(params: NoParams, context: BuildContext) -> _impl.P
     "Kang et al., ICLR 2020, 'Decoupling Representation and Classifier for Long-Tailed Recognition'",
 )
 def build_shot_accuracy(params: ShotAccuracyParams, context: BuildContext) -> _impl.ShotAccuracy:
-    """Many/medium/few-shot accuracy: mean per-class accuracy of classes grouped by training-set size."""
+    """Many/medium/few-shot accuracy: mean per-class accuracy of classes grouped by training-set size.
+
+    Keys ``many_acc``, ``medium_acc``, ``few_acc`` (shown as "many (%)", ...) and ``shot_groups``.
+    """
     from ib_plugins_builtin.evaluators._impl import ShotAccuracy
 
     component = "evaluator 'shot_accuracy'"
@@ -97,7 +101,7 @@ def build_shot_accuracy(params: ShotAccuracyParams, context: BuildContext) -> _i
 
 @register_evaluator("balanced_accuracy", NoParams)
 def build_balanced_accuracy(params: NoParams, context: BuildContext) -> _impl.BalancedAccuracy:
-    """Balanced accuracy in percent: the mean of per-class recalls ("balanced_acc (%)")."""
+    """Balanced accuracy in percent: the mean of per-class recalls (``balanced_acc``)."""
     from ib_plugins_builtin.evaluators._impl import BalancedAccuracy
 
     return BalancedAccuracy(_num_classes("evaluator 'balanced_accuracy'", context))
@@ -105,7 +109,7 @@ def build_balanced_accuracy(params: NoParams, context: BuildContext) -> _impl.Ba
 
 @register_evaluator("macro_f1", NoParams)
 def build_macro_f1(params: NoParams, context: BuildContext) -> _impl.MacroF1:
-    """Macro-averaged F1 score in percent ("macro_f1 (%)")."""
+    """Macro-averaged F1 score in percent (``macro_f1``)."""
     from ib_plugins_builtin.evaluators._impl import MacroF1
 
     return MacroF1(_num_classes("evaluator 'macro_f1'", context))
@@ -113,7 +117,7 @@ def build_macro_f1(params: NoParams, context: BuildContext) -> _impl.MacroF1:
 
 @register_evaluator("ece", EceParams, citation="Guo et al., ICML 2017, 'On Calibration of Modern Neural Networks'")
 def build_ece(params: EceParams, context: BuildContext) -> _impl.ExpectedCalibrationError:
-    """Expected calibration error in percent over equal-width confidence bins ("ece (%)")."""
+    """Expected calibration error in percent over equal-width confidence bins (``ece``)."""
     from ib_plugins_builtin.evaluators._impl import ExpectedCalibrationError
 
     return ExpectedCalibrationError(_num_classes("evaluator 'ece'", context), params.num_bins)
@@ -121,7 +125,7 @@ def build_ece(params: EceParams, context: BuildContext) -> _impl.ExpectedCalibra
 
 @register_evaluator("nll", NoParams)
 def build_nll(params: NoParams, context: BuildContext) -> _impl.NegativeLogLikelihood:
-    """Mean negative log-likelihood of the test labels under the softmax ("nll", nats)."""
+    """Mean negative log-likelihood of the test labels under the softmax (``nll``, nats)."""
     from ib_plugins_builtin.evaluators._impl import NegativeLogLikelihood
 
     return NegativeLogLikelihood(_num_classes("evaluator 'nll'", context))
@@ -129,7 +133,7 @@ def build_nll(params: NoParams, context: BuildContext) -> _impl.NegativeLogLikel
 
 @register_evaluator("confusion_matrix", NoParams)
 def build_confusion_matrix(params: NoParams, context: BuildContext) -> _impl.ConfusionMatrix:
-    """The confusion matrix as a C x C nested list, rows = true class ("confusion_matrix")."""
+    """The confusion matrix as a C x C nested list, rows = true class (``confusion_matrix``)."""
     from ib_plugins_builtin.evaluators._impl import ConfusionMatrix
 
     return ConfusionMatrix(_num_classes("evaluator 'confusion_matrix'", context))

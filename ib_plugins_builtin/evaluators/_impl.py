@@ -3,7 +3,10 @@
 State lives in tensors on the logits' device, created at the first ``update`` and accumulated
 there without a host sync; only ``compute`` copies to the host. Counts are int64 and sums float64
 (float32 on Apple MPS, which has no float64), so several batches give the same numbers as one.
-Percentages are in percent (0-100) under keys ending in ``" (%)"``.
+Keys are plain identifiers (``acc1``, ``many_acc``, ``ece``), easy to use in pandas and trackers; values
+that are percentages are in percent (0-100). Each evaluator declares ``labels``, the column headers of
+the results tables (``{"acc1": "acc@1 (%)"}``), and may declare ``headline``, the key that selects the
+best epoch on a validation split and sums up an evaluation in the log.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class LogitsEvaluator:
     """Checks batch shapes; subclasses keep their state and implement ``_update``/``compute``."""
 
     name = "evaluator"
+    labels: dict[str, str] = {}  # metric key -> column header of the results tables (the key when absent)
+    headline: str | None = None  # the key of this evaluator's headline metric, if it has one
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -107,6 +112,8 @@ class Accuracy(LogitsEvaluator):
 
     def __init__(self, num_classes: int, top_k: Sequence[int] = (1,)) -> None:
         self.top_k = tuple(sorted(set(top_k)))
+        self.labels = {f"acc{k}": f"acc@{k} (%)" for k in self.top_k}
+        self.headline = f"acc{self.top_k[0]}"
         super().__init__(num_classes)
 
     def reset(self) -> None:
@@ -125,21 +132,22 @@ class Accuracy(LogitsEvaluator):
 
     def compute(self) -> dict[str, Any]:
         if self._correct is None or self._count is None:
-            return {f"acc@{k} (%)": None for k in self.top_k}
+            return {f"acc{k}": None for k in self.top_k}
         correct = self._correct.tolist()
         count = int(self._count.item())
-        return {f"acc@{k} (%)": _percent(hit, count) for k, hit in zip(self.top_k, correct, strict=True)}
+        return {f"acc{k}": _percent(hit, count) for k, hit in zip(self.top_k, correct, strict=True)}
 
 
 class PerClassAccuracy(ConfusionEvaluator):
     """Accuracy (recall) of every class in percent; classes without test samples report None."""
 
     name = "per_class_accuracy"
+    labels = {"per_class_acc": "per-class acc (%)"}
 
     def compute(self) -> dict[str, Any]:
         accuracies = self.per_class_accuracy()
         return {
-            "per_class_acc (%)": accuracies,
+            "per_class_acc": accuracies,
             "classes_without_samples": [index for index, value in enumerate(accuracies) if value is None],
         }
 
@@ -167,6 +175,7 @@ class ShotAccuracy(ConfusionEvaluator):
     """
 
     name = "shot_accuracy"
+    labels = {"many_acc": "many (%)", "medium_acc": "medium (%)", "few_acc": "few (%)"}
 
     def __init__(self, num_classes: int, class_counts: Sequence[int], many_threshold: int, few_threshold: int) -> None:
         self.groups = shot_groups(class_counts, many_threshold, few_threshold)
@@ -177,7 +186,7 @@ class ShotAccuracy(ConfusionEvaluator):
         result: dict[str, Any] = {}
         for group, members in self.groups.items():
             present = [accuracies[index] for index in members if accuracies[index] is not None]
-            result[f"{group} (%)"] = sum(present) / len(present) if present else None  # type: ignore[arg-type]
+            result[f"{group}_acc"] = sum(present) / len(present) if present else None  # type: ignore[arg-type]
         result["shot_groups"] = {group: list(members) for group, members in self.groups.items()}
         return result
 
@@ -186,10 +195,12 @@ class BalancedAccuracy(ConfusionEvaluator):
     """Mean per-class recall in percent, over the classes present in the test split (as scikit-learn)."""
 
     name = "balanced_accuracy"
+    labels = {"balanced_acc": "balanced (%)"}
+    headline = "balanced_acc"
 
     def compute(self) -> dict[str, Any]:
         present = [value for value in self.per_class_accuracy() if value is not None]
-        return {"balanced_acc (%)": sum(present) / len(present) if present else None}
+        return {"balanced_acc": sum(present) / len(present) if present else None}
 
 
 class MacroF1(ConfusionEvaluator):
@@ -200,6 +211,7 @@ class MacroF1(ConfusionEvaluator):
     """
 
     name = "macro_f1"
+    labels = {"macro_f1": "macro F1 (%)"}
 
     def compute(self) -> dict[str, Any]:
         matrix = self.confusion()
@@ -208,7 +220,7 @@ class MacroF1(ConfusionEvaluator):
         false_negative = matrix.sum(dim=1) - true_positive
         denominator = (2 * true_positive + false_positive + false_negative).tolist()
         scores = [200.0 * tp / d for tp, d in zip(true_positive.tolist(), denominator, strict=True) if d > 0]
-        return {"macro_f1 (%)": sum(scores) / len(scores) if scores else None}
+        return {"macro_f1": sum(scores) / len(scores) if scores else None}
 
 
 class ConfusionMatrix(ConfusionEvaluator):
@@ -228,6 +240,7 @@ class ExpectedCalibrationError(LogitsEvaluator):
     """
 
     name = "ece"
+    labels = {"ece": "ece (%)"}
 
     def __init__(self, num_classes: int, num_bins: int = 15) -> None:
         self.num_bins = num_bins
@@ -254,14 +267,14 @@ class ExpectedCalibrationError(LogitsEvaluator):
 
     def compute(self) -> dict[str, Any]:
         if self._count is None or self._confidence is None or self._correct is None:
-            return {"ece (%)": None}
+            return {"ece": None}
         counts = self._count.cpu().double()
         total = float(counts.sum())
         if total == 0:
-            return {"ece (%)": None}
+            return {"ece": None}
         gaps = (self._correct.cpu().double() - self._confidence.cpu().double()).abs()
         # sum_b (n_b / N) * |acc_b - conf_b| = sum_b |correct_b - confidence_sum_b| / N
-        return {"ece (%)": 100.0 * float(gaps.sum()) / total}
+        return {"ece": 100.0 * float(gaps.sum()) / total}
 
 
 class NegativeLogLikelihood(LogitsEvaluator):

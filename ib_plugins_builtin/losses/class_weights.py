@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
-from ibcore import BuildContext, ConfigError, ConfigIssue, ContextError, Params
+from ibcore import BuildContext, ConfigError, ConfigIssue, ContextError, Params, PerClass
 
 
 class NoClassWeights(Params):
@@ -61,7 +61,8 @@ _SCHEMES: dict[str, type[Params]] = {
 }
 SCHEME_NAMES: tuple[str, ...] = tuple(_SCHEMES)
 WeightScheme = NoClassWeights | InverseFrequencyWeights | SqrtInverseFrequencyWeights | EffectiveNumberWeights
-ExplicitWeights = tuple[Annotated[float, Field(ge=0.0, allow_inf_nan=False)], ...]
+# PerClass: `ib validate` checks the length when the dataset can say its class count without loading data.
+ExplicitWeights = Annotated[tuple[Annotated[float, Field(ge=0.0, allow_inf_nan=False)], ...], PerClass]
 
 
 def _scheme_tag(value: Any) -> str | None:

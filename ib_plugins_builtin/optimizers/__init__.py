@@ -36,7 +36,8 @@ class ScheduledOptimizerParams(Params):
     )
     warmup_per_iteration: bool = Field(False, description="Raise the warm-up rate every step instead of every epoch.")
     milestones: list[int] = Field(
-        default_factory=list, description="Epochs (0-based) from which lr is multiplied by gamma (multistep)."
+        default_factory=list,
+        description="Epoch counts after which lr is multiplied by gamma (multistep): 160 = from the 161st epoch.",
     )
     gamma: float = Field(0.1, gt=0.0, description="Multiplier applied at each milestone reached (multistep).")
     min_lr: float = Field(0.0, ge=0.0, description="Floor the cosine schedule decays to at the last epoch.")

@@ -1,7 +1,7 @@
 """The experiment config: schema, safe YAML loading, overrides, validation and JSON-Schema export."""
 
 from ibcore.config.jsonschema import experiment_json_schema
-from ibcore.config.loading import read_config_file
+from ibcore.config.loading import compose_config_file, read_config_file
 from ibcore.config.schema import (
     ComponentSpec,
     DataConfig,
@@ -10,6 +10,7 @@ from ibcore.config.schema import (
     RunDefaults,
     StageConfig,
     TrainerConfig,
+    resolved_config,
 )
 from ibcore.config.validation import load_experiment, validate
 
@@ -21,8 +22,10 @@ __all__ = [
     "RunDefaults",
     "StageConfig",
     "TrainerConfig",
+    "compose_config_file",
     "experiment_json_schema",
     "load_experiment",
     "read_config_file",
+    "resolved_config",
     "validate",
 ]

@@ -66,7 +66,7 @@ def _message(error: Any, model: type[BaseModel] | None) -> str:
     if kind == "missing":
         return "required field is missing"
     message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if "input" in error and kind not in ("missing",) and not isinstance(error["input"], (dict, list)):
+    if "input" in error and kind not in ("missing",) and not isinstance(error["input"], (dict, list, tuple)):
         shown = repr(error["input"])
         if len(shown) > 60:
             shown = shown[:57] + "..."
@@ -99,7 +99,9 @@ def _user_loc(loc: Sequence[Any], root: Any) -> list[Any]:
         elif isinstance(part, str) and following is not None and _indexes(node, following):
             continue  # a union tag or validator name between two real parts
         elif isinstance(part, str) and (
-            part.startswith("function-") or ("[" in part and not isinstance(node, Mapping))
+            part.startswith("function-")
+            or ("[" in part and not isinstance(node, Mapping))
+            or isinstance(node, (list, tuple))  # a list is not indexed by a name: the union tag it matched
         ):
             continue
         else:

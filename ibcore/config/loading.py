@@ -1,7 +1,10 @@
-"""Read a YAML experiment file safely, with errors that name the file."""
+"""Read a YAML experiment file safely, with errors that name the file, and compose files with ``extends``."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ from ibcore.errors import ConfigError, ConfigIssue
 MAX_FILE_BYTES = 5 * 1024 * 1024
 MAX_NODES = 200_000  # after alias expansion: a config is small; a "billion laughs" file is not
 MAX_DEPTH = 64
+MAX_EXTENDED_FILES = 64  # files read to compose one config (each within the limits above)
 
 
 class _LimitedSafeLoader(yaml.SafeLoader):
@@ -131,3 +135,99 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             [ConfigIssue("", f"the top level must be a mapping (key: value), not a {type(data).__name__}")], source
         )
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# Composition: ``extends``
+
+
+@dataclasses.dataclass
+class ComposedConfig:
+    """A config mapping with every ``extends`` resolved, and the files it was composed from (the
+    given file first, then its bases in the order they were read)."""
+
+    data: dict[str, Any]
+    files: list[Path]
+
+
+def merge_configs(base: Any, override: Any) -> Any:
+    """``override`` deep-merged over ``base``: mappings merge key by key, anything else (lists, scalars,
+    null) replaces. A component mapping whose ``name`` changes replaces the base's whole, so the params
+    of one component never leak into another."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return copy.deepcopy(override)
+    if "name" in base and "name" in override and base["name"] != override["name"]:
+        return copy.deepcopy(override)
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = merge_configs(base[key], value) if key in base else copy.deepcopy(value)
+    return merged
+
+
+def _shown(path: Path) -> str:
+    return os.path.normpath(str(path))
+
+
+def _bases(raw: Any, source: str | None) -> list[tuple[str, str]]:
+    """``(path as written, config path of the entry)`` for each file ``extends`` names."""
+    if isinstance(raw, str):
+        return [(raw, "extends")]
+    if isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
+        return [(item, f"extends[{i}]") for i, item in enumerate(raw)]
+    got = "an empty list" if raw == [] else f"a {type(raw).__name__}"
+    message = f"expected a file path or a list of file paths (relative to this file), got {got}"
+    raise ConfigError([ConfigIssue("extends", message)], source=source)
+
+
+def _compose(path: Path, chain: tuple[Path, ...], files: list[Path]) -> dict[str, Any]:
+    if len(files) >= MAX_EXTENDED_FILES:
+        message = f"more than {MAX_EXTENDED_FILES} files are composed through extends"
+        raise ConfigError([ConfigIssue("extends", message)], source=_shown(files[0]))
+    files.append(path)
+    return _extend(read_config_file(path), path, path.parent, chain, files)
+
+
+def _extend(
+    data: dict[str, Any], path: Path | None, folder: Path, chain: tuple[Path, ...], files: list[Path]
+) -> dict[str, Any]:
+    """``data`` (read from ``path``, or given as a mapping when ``path`` is None) over the files it extends."""
+    if "extends" not in data:
+        return data
+    data = dict(data)
+    source = _shown(path) if path is not None else None
+    here = (*chain, path) if path is not None else chain
+    composed: dict[str, Any] = {}
+    for written, where in _bases(data.pop("extends"), source):
+        target = folder / written
+        if target.resolve() in {p.resolve() for p in here}:
+            cycle = " → ".join(_shown(p) for p in (*here, target))
+            raise ConfigError([ConfigIssue(where, f"{written!r} closes a cycle of extends: {cycle}")], source=source)
+        if not target.is_file():
+            what = "is a directory" if target.is_dir() else "does not exist"
+            relative = "this file" if path is not None else "the working directory"
+            message = f"{written!r}: the file {_shown(target)} {what} (extends paths are relative to {relative})"
+            raise ConfigError([ConfigIssue(where, message)], source=source)
+        composed = merge_configs(composed, _compose(target, here, files))
+    merged: dict[str, Any] = merge_configs(composed, data)
+    _check_size(merged, source or "<mapping>")
+    return merged
+
+
+def compose_config_file(path: str | Path) -> ComposedConfig:
+    """Read ``path`` and every file it ``extends`` (recursively), deep-merged: the extending file wins.
+
+    ``extends`` is a path, or a list of paths, relative to the file that names it; bases in a list are
+    merged in order, each over the previous one, and the file itself over all of them. Each file is
+    read like :func:`read_config_file` (safe loader, size limits); a cycle or a missing file is a
+    :class:`ConfigError` at ``extends``.
+    """
+    files: list[Path] = []
+    data = _compose(Path(path), (), files)
+    return ComposedConfig(data, files)
+
+
+def compose_mapping(data: dict[str, Any]) -> ComposedConfig:
+    """A config given as a mapping, over the files its ``extends`` names (relative to the working directory)."""
+    files: list[Path] = []
+    composed = _extend(data, None, Path.cwd(), (), files)
+    return ComposedConfig(composed, files)

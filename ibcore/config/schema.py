@@ -65,7 +65,7 @@ def _check_reference(value: dict[str, Any] | None) -> dict[str, Any] | None:
         raise ValueError("needs a 'source' saying where the published numbers come from (paper and table, or URL)")
     metrics = {k: v for k, v in value.items() if k != "source"}
     if not metrics:
-        raise ValueError("names no metric; give the published value of a results column, e.g. 'acc@1 (%)': 77.03")
+        raise ValueError("names no metric; give the published value of a results column, e.g. acc1: 77.03")
     for key, number in metrics.items():
         if isinstance(number, bool) or not isinstance(number, (int, float)) or number != number:
             raise ValueError(f"{key!r} must be a number (the published value), got {number!r}")
@@ -73,7 +73,7 @@ def _check_reference(value: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 _REFERENCE_HELP = (
-    "Published result to show beside ours: metric keys of the results table (e.g. 'acc@1 (%)') mapped to the "
+    "Published result to show beside ours: metric keys of the results (e.g. acc1, few_acc) mapped to the "
     "published value, and 'source' (paper and table)."
 )
 
@@ -157,7 +157,9 @@ class TrainerConfig(_Strict):
 class StageConfig(_Strict):
     """From ``from_epoch`` on, replace parts of a run (DRW, DRS, fine-tuning without mixup, cRT, LWS)."""
 
-    from_epoch: int = Field(ge=1, description="First epoch (0-based) the stage applies to.")
+    from_epoch: int = Field(
+        ge=1, description="Epochs completed before the stage starts (160: from the 161st epoch on)."
+    )
     loss: LossSpec | None = None
     sampler: SamplerSpec | None = None
     mixer: MixerSpec | None = Field(None, description="A new mixer, or null to switch mixing off.")
@@ -242,6 +244,12 @@ def _default_evaluators() -> list[EvaluatorSpec]:
 class Experiment(_Strict):
     """A whole experiment: data, trainer settings and the runs trained together."""
 
+    extends: str | list[str] | None = Field(
+        None,
+        exclude=True,
+        description="Config file(s) this one builds on, relative to this file: deep-merged (mappings key by key; "
+        "lists, including runs, and scalars replace), this file winning. Resolved when the file is read.",
+    )
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of every run (unless seeds is given).")
     seeds: list[Seed] | None = Field(None, min_length=1, max_length=1000, description=_SEEDS_HELP + " Replaces seed.")
     plugins: list[str] = Field(default_factory=list, description="Modules to import (trusted code).")
@@ -261,3 +269,17 @@ class Experiment(_Strict):
             if run.name == name:
                 return run
         raise KeyError(name)
+
+
+def resolved_config(experiment: Experiment) -> dict[str, Any]:
+    """The experiment as written to ``config.yaml`` (and printed by ``ib validate --print``): every default
+    filled in, except inside stages.
+
+    A stage changes only the fields it sets, and ``mixer: null`` there means "switch mixing off", so
+    stages are written with exactly the fields they set (a filled-in null would switch mixing off
+    after ``ib resume``).
+    """
+    resolved = experiment.model_dump(mode="json")
+    for run, run_dump in zip(experiment.runs, resolved["runs"], strict=True):
+        run_dump["stages"] = [stage.model_dump(mode="json", exclude_unset=True) for stage in run.stages]
+    return resolved

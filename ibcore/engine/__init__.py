@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
+import shlex
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ibcore.config import load_experiment
-from ibcore.config.schema import Experiment
-from ibcore.config.validation import select_runs
+from ibcore.config.paths import resolve_data_paths
+from ibcore.config.schema import Experiment, resolved_config
+from ibcore.config.validation import load_experiment_with_plugin_dirs, select_runs
+from ibcore.engine.lock import run_directory_lock
 from ibcore.errors import IbError, TrainingError
 from ibcore.files import atomic_write_text
 
@@ -22,17 +26,58 @@ if TYPE_CHECKING:
     from ibcore.engine.distributed import Distributed
 
 
-def resolved_config(experiment: Experiment) -> dict[str, Any]:
-    """The experiment as written to ``config.yaml``: every default filled in, except inside stages.
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) stopped ``run`` or ``resume``; the message says how to continue.
 
-    A stage changes only the fields it sets, and ``mixer: null`` there means "switch mixing off", so
-    stages are written with exactly the fields they set (a filled-in null would switch mixing off
-    after ``ib resume``).
+    ``run_dir`` is the run directory; ``epoch`` the number of epochs its newest checkpoint holds (None
+    when none was written yet: resuming starts again from the beginning); ``command`` what to type.
     """
-    resolved = experiment.model_dump(mode="json")
-    for run, run_dump in zip(experiment.runs, resolved["runs"], strict=True):
-        run_dump["stages"] = [stage.model_dump(mode="json", exclude_unset=True) for stage in run.stages]
-    return resolved
+
+    def __init__(self, run_dir: Path, epoch: int | None, command: str, epochs: int) -> None:
+        self.run_dir, self.epoch, self.command = run_dir, epoch, command
+        if epoch is None:
+            where = "no checkpoint was written yet, so it starts again from the beginning"
+        else:
+            where = f"it continues after epoch {epoch} of {epochs}, from the newest checkpoint"
+        super().__init__(f"interrupted. To continue, run: {command} ({where})")
+
+
+def _interrupted(run_dir: Path, experiment: Experiment, distributed: Distributed | None) -> RunInterrupted:
+    """The :class:`RunInterrupted` for ``run_dir``, with the resume command for this launch."""
+    from ibcore.engine.checkpoint import _read_manifest
+
+    entries = _read_manifest(run_dir / "checkpoints")
+    epoch = max(int(entry["epoch"]) for entry in entries) if entries else None
+    world = distributed.world_size if distributed is not None and distributed.enabled else 1
+    where = shlex.quote(str(run_dir))
+    command = f"torchrun --nproc_per_node={world} -m ibcore.cli resume {where}" if world > 1 else f"ib resume {where}"
+    return RunInterrupted(run_dir, epoch, command, experiment.trainer.epochs)
+
+
+# What the engine writes into a new run directory before the first batch; a directory holding only these
+# is removed when the experiment fails before training (missing data, a component that cannot be built).
+_WRITTEN_BEFORE_TRAINING = frozenset({"config.yaml", "origin.json", "train.log", ".lock"})
+
+
+def _remove_untrained(run_dir: Path, created: list[Path]) -> None:
+    """Remove ``run_dir`` if it holds only what the engine wrote, and the parent folders made for it."""
+    try:
+        if not {entry.name for entry in run_dir.iterdir()} <= _WRITTEN_BEFORE_TRAINING:
+            return
+        shutil.rmtree(run_dir)
+        for folder in created:  # innermost first; only while empty
+            folder.rmdir()
+    except OSError:
+        pass  # leaving a directory behind is harmless; hiding the real error is not
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _run_dir(parent: Path, name: str) -> Path:
@@ -73,10 +118,13 @@ def run(
     Under ``torchrun`` every process calls this: rank 0 creates the run directory and tells the
     others its path. Returns :class:`~ibcore.engine.trainer.Results`: the run directory and one row per run.
     """
-    experiment = (
-        source if isinstance(source, Experiment) and not overrides else load_experiment(source, overrides=overrides)
-    )
+    plugin_dirs: list[Path] = []
+    if isinstance(source, Experiment) and not overrides:
+        experiment = source
+    else:
+        experiment, plugin_dirs = load_experiment_with_plugin_dirs(source, overrides=overrides)
     name = Path(source).stem if isinstance(source, (str, Path)) else "experiment"
+    experiment = resolve_data_paths(experiment)  # stored absolute: `ib resume` from elsewhere reads the same data
     if only:
         experiment = select_runs(experiment, only, source=str(source) if isinstance(source, (str, Path)) else None)
     config_dir = str(Path(source).resolve().parent) if isinstance(source, (str, Path)) else None
@@ -84,23 +132,51 @@ def run(
     from ibcore.engine.distributed import init_distributed
     from ibcore.engine.trainer import Trainer, resolve_device
 
+    parent = Path(out_dir or experiment.trainer.out_dir)
+    created = _missing_parents(parent)
+
+    locks = contextlib.ExitStack()
+
     def prepare() -> Path:
-        run_dir = _run_dir(Path(out_dir or experiment.trainer.out_dir), name)
+        run_dir = _run_dir(parent, name)
+        locks.enter_context(run_directory_lock(run_dir))  # held by rank 0 until the tables are written
         resolved = resolved_config(experiment)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        origin = {"config": str(source), "config_dir": config_dir}
+        origin = {"config": str(source), "config_dir": config_dir, "plugin_dirs": [str(d) for d in plugin_dirs]}
         atomic_write_text(run_dir / "origin.json", json.dumps(origin) + "\n")
         return run_dir
 
     distributed = init_distributed(experiment.trainer, resolve_device(experiment.trainer.device))
+    run_dir: Path | None = None
+    trainer = None
     try:
         distributed.local_batch(experiment.data.batch_size)  # refuse an uneven split before writing anything
         run_dir = _on_rank_zero(distributed, prepare)
-        results = Trainer(experiment, run_dir, quiet=quiet, distributed=distributed, smoke=smoke).fit()
+        try:
+            trainer = Trainer(experiment, run_dir, quiet=quiet, distributed=distributed, smoke=smoke)
+        except Exception:
+            if distributed.is_main:  # failed before the first batch: leave no half-made run directory
+                _remove_untrained(run_dir, created)
+            raise
+        results = trainer.fit()
         distributed.barrier()  # no rank leaves the group while another still uses it (rank 0 writes the tables)
         return results
+    except KeyboardInterrupt:
+        if run_dir is None:
+            raise
+        _stop_display(trainer)
+        raise _interrupted(run_dir, experiment, distributed) from None
     finally:
         distributed.close()
+        locks.close()
+
+
+def _stop_display(trainer: Any) -> None:
+    """End the live progress display, so the interruption message is not drawn over."""
+    try:
+        trainer.display.stop()
+    except Exception:  # no trainer yet, or a display already stopped
+        pass
 
 
 def _on_rank_zero(distributed: Distributed, make_dir: Callable[[], Path]) -> Path:
@@ -121,14 +197,13 @@ def _on_rank_zero(distributed: Distributed, make_dir: Callable[[], Path]) -> Pat
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False) -> Any:
-    """Continue an interrupted experiment from its newest valid checkpoint.
+    """Continue an interrupted experiment from its newest valid checkpoint (from epoch 0 when it was
+    stopped before its first checkpoint).
 
     Under ``torchrun`` every rank loads the same checkpoint (the run directory must be readable by
     every process); the world size and mode must be those the checkpoint was written with.
     """
-    from ibcore.engine.checkpoint import load_latest
-    from ibcore.engine.distributed import check_resume_world, init_distributed
-    from ibcore.engine.trainer import Trainer, resolve_device
+    from ibcore.engine.checkpoint import load_latest, remove_stale_temp_files
 
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
@@ -139,25 +214,78 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> Any:
         origin = json.loads((run_dir / "origin.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    config_dir = origin.get("config_dir")
-    if config_dir and config_dir not in sys.path and os.path.isdir(config_dir):
-        sys.path.insert(0, config_dir)  # plugins: next to the original config file
-    experiment = load_experiment(config)
-    state = load_latest(run_dir / "checkpoints")
-    distributed = init_distributed(experiment.trainer, resolve_device(experiment.trainer.device))
+    # plugins: where the original config found them (its folder and those of the files it extended)
+    saved_dirs = origin.get("plugin_dirs") if isinstance(origin, dict) else None
+    if not isinstance(saved_dirs, list) or not all(isinstance(d, str) for d in saved_dirs):
+        config_dir = origin.get("config_dir") if isinstance(origin, dict) else None
+        saved_dirs = [config_dir] if isinstance(config_dir, str) else []
+    locks = contextlib.ExitStack()
+    # One writer per run directory: taken before load_latest, which deletes the temp files of cut-short saves
+    # (another process's save in progress, were it still running). Under torchrun rank 0 holds it.
+    is_main = os.environ.get("RANK", "0") == "0"
+    if is_main:
+        locks.enter_context(run_directory_lock(run_dir))
     try:
-        check_resume_world(state, distributed, run_dir)  # before any data is loaded
-        epochs = distributed.all_gather_object(int(state["epoch"]))
+        experiment = load_experiment(config, plugin_dirs=[Path(d) for d in saved_dirs])
+        checkpoints = run_dir / "checkpoints"
+        state = load_latest(checkpoints, remove_temp_files=is_main) if _any_checkpoint(checkpoints) else None
+        if state is None and checkpoints.is_dir() and is_main:
+            remove_stale_temp_files(checkpoints)  # a first checkpoint whose write was cut short
+        saved_data = _saved_data_fingerprint(run_dir)  # before the trainer rewrites meta.json
+        return _resume(run_dir, experiment, state, saved_data, quiet)
+    finally:
+        locks.close()
+
+
+def _saved_data_fingerprint(run_dir: Path) -> Any:
+    """The fingerprint of the data the run started with (meta.json), or None for a run of an older ibcore."""
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta.get("data_fingerprint") if isinstance(meta, dict) else None
+
+
+def _resume(run_dir: Path, experiment: Experiment, state: Any, saved_data: Any, quiet: bool) -> Any:
+    from ibcore.engine.distributed import check_resume_world, init_distributed
+    from ibcore.engine.trainer import Trainer, resolve_device
+
+    distributed = init_distributed(experiment.trainer, resolve_device(experiment.trainer.device))
+    trainer = None
+    try:
+        if state is not None:
+            check_resume_world(state, distributed, run_dir)  # before any data is loaded
+        epochs = distributed.all_gather_object(int(state["epoch"]) if state is not None else 0)
         if len(set(epochs)) != 1:
             raise TrainingError(f"the ranks found different latest checkpoints in {run_dir} (epochs {epochs})")
         trainer = Trainer(experiment, run_dir, quiet=quiet, distributed=distributed)
-        trainer.restore(state)
+        trainer.check_same_data(saved_data)
+        if state is not None:
+            trainer.restore(state)
+        else:
+            if distributed.is_main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # lines of the attempt that was stopped
+            trainer.display.log("no checkpoint was written before the interruption: training starts from the beginning")
         results = trainer.fit()
-        del trainer
+        trainer = None  # free the models before waiting for the other ranks
         distributed.barrier()
         return results
+    except KeyboardInterrupt:
+        _stop_display(trainer)
+        raise _interrupted(run_dir, experiment, distributed) from None
     finally:
         distributed.close()
 
 
-__all__ = ["resume", "run"]
+def _any_checkpoint(directory: Path) -> bool:
+    """Whether a checkpoint was ever written to ``directory`` (a manifest or a checkpoint file).
+
+    Without one, the experiment was stopped before its first checkpoint and resumes from epoch 0; with
+    one, it must load (a damaged manifest is an error, never a silent restart).
+    """
+    if not directory.is_dir():
+        return False
+    return any(entry.name == "checkpoints.json" or entry.suffix == ".pt" for entry in directory.iterdir())
+
+
+__all__ = ["RunInterrupted", "resolved_config", "resume", "run"]

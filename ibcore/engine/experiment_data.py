@@ -3,13 +3,22 @@
 A dataset that draws a subset declares a ``subset_seed`` param; left unset, it follows the run's seed
 (``BuildContext.seed``). Runs repeated over seeds then each train on their own seed's subset, exactly
 as separate experiments would; every other dataset is built once and shared by all seeds.
+
+:func:`fingerprint` summarises the data a run trains on (class counts, split sizes, a hash of the
+labels in order, a hash of a sample of the image bytes of splits held as tensors), without decoding an
+image; ``ib resume`` compares it with the one stored when the run started (:func:`check_same_data`), so
+a resume that finds other data — a relative root resolved from another working directory, files
+changed since — stops instead of training on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Any
 
+import numpy as np
 import torch
 
 from ibcore.build import build
@@ -81,4 +90,106 @@ def _build(experiment: Experiment, seed: int, device: torch.device, base: BuildC
         train=make_data(train, device, mode, workers, where.format("training")),
         test=make_data(dataset.test, device, mode, workers, where.format("test")),
         val=None if val is None else make_data(val, device, mode, workers, where.format("validation")),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint: is the data found by `ib resume` the data the run started with?
+
+#: bump when the fingerprint's content changes: fingerprints of another version are not compared
+FINGERPRINT_VERSION = 1
+#: images hashed per tensor split (evenly spaced over the split, first and last included)
+SAMPLED_IMAGES = 256
+
+
+def _labels(split: DeviceData | LoaderData) -> np.ndarray:
+    if isinstance(split, DeviceData):
+        return split.labels.detach().cpu().numpy().astype("<i8", copy=False)
+    return np.asarray(split.split.targets, dtype="<i8")
+
+
+def _split_fingerprint(split: DeviceData | LoaderData) -> dict[str, Any]:
+    labels = _labels(split)
+    found: dict[str, Any] = {
+        "images": len(labels),
+        "labels_sha256": hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(),
+    }
+    if isinstance(split, DeviceData) and len(split) > 0:
+        # a few hundred images' bytes: catches other pixels under the same labels, in microseconds
+        picks = torch.as_tensor(np.unique(np.linspace(0, len(split) - 1, SAMPLED_IMAGES).round().astype(np.int64)))
+        sample = split.images[picks.to(split.images.device)].detach().cpu().contiguous()
+        digest = hashlib.sha256(str((sample.dtype, tuple(split.images.shape))).encode())
+        digest.update(sample.numpy().tobytes())
+        found["sampled_images_sha256"] = digest.hexdigest()
+    return found
+
+
+def fingerprint(data: SeedData) -> dict[str, Any]:
+    """A small JSON-able summary of ``data`` that changes when the data set does; no image is decoded.
+
+    Class counts and the number of images of each split, a SHA-256 of each split's labels in order,
+    and, for splits kept as tensors, a SHA-256 of ``SAMPLED_IMAGES`` images' bytes. Stored in the run
+    directory at ``ib run``, compared by :func:`check_same_data` at ``ib resume``.
+    """
+    return {
+        "version": FINGERPRINT_VERSION,
+        "num_classes": data.num_classes,
+        "class_counts": data.class_counts,
+        "train": _split_fingerprint(data.train),
+        "test": _split_fingerprint(data.test),
+        "val": None if data.val is None else _split_fingerprint(data.val),
+    }
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    found = []
+    for key, what in (("num_classes", "classes"), ("class_counts", "training images per class")):
+        if saved.get(key) != now.get(key):
+            found.append(f"{what}: {_short(saved.get(key))} when the run started, {_short(now.get(key))} now")
+    for split in ("train", "test", "val"):
+        before, after = saved.get(split), now.get(split)
+        if before is None and after is None:
+            continue
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            then, later = ("present" if isinstance(v, dict) else "absent" for v in (before, after))
+            found.append(f"{split} split: {then} when the run started, {later} now")
+            continue
+        if before.get("images") != after.get("images"):
+            found.append(
+                f"{split} split: {before.get('images')} images when the run started, {after.get('images')} now"
+            )
+        elif before.get("labels_sha256") != after.get("labels_sha256"):
+            found.append(f"{split} split: the same number of images, but other labels or another order")
+        elif (
+            "sampled_images_sha256" in before
+            and "sampled_images_sha256" in after
+            and before["sampled_images_sha256"] != after["sampled_images_sha256"]
+        ):
+            found.append(f"{split} split: the same labels, but other image bytes")
+    return found
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_same_data(saved: Any, now: dict[str, Any], run_dir: str | os.PathLike[str]) -> None:
+    """Raise a :class:`DataError` saying what differs when ``now`` (this resume's data) is not ``saved``.
+
+    ``saved`` is the :func:`fingerprint` stored when the run started; a missing one (a run of an older
+    ibcore) or one of another :data:`FINGERPRINT_VERSION` cannot be compared and is accepted.
+    """
+    if not isinstance(saved, dict) or saved.get("version") != FINGERPRINT_VERSION:
+        return
+    differences = _differences(saved, now)
+    if not differences:
+        return
+    run_dir = os.fspath(run_dir)
+    raise DataError(
+        f"the data set found when resuming {run_dir} is not the one the run started with: "
+        + "; ".join(differences)
+        + f". Resuming would continue training on other data. Check the dataset's paths in {run_dir}/config.yaml "
+        "(they must name the data the run started with) and that its files were not changed or moved; to "
+        "train on the data as it is now, start a new run with `ib run`."
     )

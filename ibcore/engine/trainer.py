@@ -9,7 +9,6 @@ work is split (one slice of every batch per rank, or one group of runs per rank)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import inspect
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch import nn
 
 from ibcore import __version__
@@ -43,16 +43,20 @@ from ibcore.engine.distributed import (
     eval_indices,
     rank_indices,
 )
-from ibcore.engine.experiment_data import load_data
+from ibcore.engine.experiment_data import check_same_data, fingerprint, load_data
 from ibcore.engine.fused import FusedTrainer, full_precision
 from ibcore.engine.progress import ProgressDisplay
 from ibcore.engine.repeats import all_seeds, expand_runs
 from ibcore.engine.runs import RunState, effective_specs, spec_key
 from ibcore.engine.seeding import derive_seed
 from ibcore.errors import BuildError, ConfigError, ConfigIssue, ContextError, DataError, TrainingError
-from ibcore.report import read_metrics, write_plots, write_tables
-from ibcore.report.summary import summarise
-from ibcore.report.tables import console_table, metric_columns
+from ibcore.files import append_text
+from ibcore.report import METRICS_FORMAT, PLOTS_HINT, read_metrics, write_plots, write_tables
+from ibcore.report.console import console_table
+from ibcore.report.labels import display_label, evaluator_labels, headline_key, labels_to_keys
+from ibcore.report.plots import matplotlib_available
+from ibcore.report.results import Results
+from ibcore.report.tables import lower_is_better, metric_columns
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,26 +66,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"trainer.device is {name!r} but CUDA is not available on this machine; use 'auto'.")
     return device
-
-
-@dataclasses.dataclass
-class Results:
-    """What ``ibcore.run`` returns: the run directory and one row per run (and post-hoc variant)."""
-
-    run_dir: Path
-    rows: list[dict[str, Any]]
-    best_rows: list[dict[str, Any]]
-
-    def row(self, run: str) -> dict[str, Any]:
-        for row in self.rows:
-            if row["run"] == run:
-                return row
-        raise KeyError(run)
-
-    @property
-    def summary(self) -> list[dict[str, Any]]:
-        """One row per method: every metric as mean, sample std and n over its seeds (see ``ibcore.report.summary``)."""
-        return summarise(self.rows)
 
 
 class _SilentDisplay(ProgressDisplay):
@@ -140,6 +124,11 @@ class Trainer:
             ProgressDisplay(quiet=quiet, log_path=log_path) if self.dist.is_main else _SilentDisplay(log_path)
         )
         self.bf16 = experiment.trainer.precision == "bf16" and self.device.type == "cuda"
+        if experiment.trainer.precision == "bf16" and not self.bf16:
+            self.display.log(
+                f"[yellow]trainer.precision is bf16, but bf16 autocast is used only on CUDA: on {self.device.type} "
+                "training and evaluation run in fp32[/yellow]"
+            )
         self.batch_size = experiment.data.batch_size  # the global batch
         self.local_batch = self.dist.local_batch(self.batch_size)  # this rank's share under data_parallel
 
@@ -163,6 +152,9 @@ class Trainer:
             for repeat in self.repeats
         ]
         self._preflight()
+        evaluators = self._evaluators(self.runs[0])
+        self.labels = evaluator_labels(evaluators)  # metric key -> the column header of the tables
+        self.headline = headline_key(evaluators)  # selects the best epoch on validation; sums up the log
         if experiment.trainer.channels_last:
             # Faster convolutions on GPUs (tensor cores) and CPUs (oneDNN): 1.4-1.7x for small_cnn on 2 cores.
             for run in self.runs:
@@ -435,7 +427,7 @@ class Trainer:
             if "more than 1 value per channel" not in str(exc):
                 raise
             raise TrainingError(
-                f"run {run.name!r}, epoch {epoch}, batch {step}: a batch of {len(y)} sample cannot "
+                f"run {run.name!r}, epoch {epoch + 1}, batch {step + 1}: a batch of {len(y)} sample cannot "
                 "go through BatchNorm in training; set data.drop_last: true (or change "
                 "data.batch_size) so the last batch is not a single sample"
             ) from exc
@@ -511,13 +503,13 @@ class Trainer:
             line = {
                 "split": "train",
                 "run": run.name,
-                "epoch": epoch,
+                "epoch": epoch + 1,  # epochs completed: every epoch number a user reads counts them
                 "train_loss": mean,
                 "lr": parts[0][2],
                 "seconds": seconds,
             }
-            if bad >= 0:
-                run.failed = f"non-finite loss at epoch {epoch}, batch {bad}"
+            if bad >= 0:  # the epoch and the batch as ordinals: the 1st epoch, its 4th batch
+                run.failed = f"non-finite loss at epoch {epoch + 1}, batch {bad + 1}"
                 line["failed"] = run.failed
                 self.display.log(f"[red]run {run.name!r} stopped: {run.failed}[/red]; the other runs go on")
             self._append_metrics(line)
@@ -603,6 +595,8 @@ class Trainer:
         return [build("evaluator", e.name, e.params, context=run.context) for e in self.experiment.evaluators]
 
     def evaluate(self, epoch: int) -> None:
+        """Measure every active run after the 0-based ``epoch``; its lines say ``epoch + 1`` (epochs completed)."""
+        completed = epoch + 1
         results: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}  # run -> (split, variant, metrics)
         for run in self.active_runs():
             if run.name not in self.own:
@@ -617,19 +611,32 @@ class Trainer:
                 results.update(part)
         for run in self.active_runs():
             for split, variant, metrics in results[run.name]:
-                self._append_metrics({"split": split, "run": variant, "epoch": epoch, **metrics})
-                score = _headline(metrics) if split == "val" else None
+                self._append_metrics({"split": split, "run": variant, "epoch": completed, **metrics})
+                score = self._headline(metrics)[1] if split == "val" else None
                 if score is not None and score > self.best.get(variant, {}).get("score", -math.inf):
-                    test = self._last_metrics("test", variant, epoch)
-                    self.best[variant] = {"score": score, "epoch": epoch, "test": test}
-        summary = []
+                    test = self._last_metrics("test", variant, completed)
+                    self.best[variant] = {"score": score, "epoch": completed, "test": test}
+        summary: list[str] = []
+        keys: set[str] = set()
         for run in self.active_runs():
-            metrics = self._last_metrics("test", run.name, epoch)
-            headline = _headline(metrics)
-            if headline is not None:
+            key, headline = self._headline(self._last_metrics("test", run.name, completed))
+            if key is not None and headline is not None:
                 summary.append(f"{run.name}={headline:.2f}")
+                keys.add(key)
         if summary:
-            self.display.log(f"epoch {epoch + 1}: test accuracy (%) " + " ".join(summary))
+            what = display_label(keys.pop(), self.labels) if len(keys) == 1 else "headline metric"
+            self.display.log(f"epoch {completed}: test {escape(what)} " + " ".join(summary))
+
+    def _headline(self, metrics: dict[str, Any]) -> tuple[str | None, float | None]:
+        """The headline metric of an evaluation: the first evaluator's that declares one (``acc1`` for accuracy,
+        ``balanced_acc`` for balanced_accuracy), else the first scalar metric where higher is better."""
+        candidates = [self.headline] if self.headline else []
+        candidates += [key for key in metrics if not lower_is_better(key)]
+        for key in candidates:
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return key, float(value)
+        return None, None
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -637,14 +644,24 @@ class Trainer:
         self.history.append(line)  # on every rank: all of them keep the same history
         if not self.dist.is_main:
             return
-        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, default=_json_default) + "\n")
+        append_text(self.run_dir / "metrics.jsonl", json.dumps(line, default=_json_default) + "\n")
 
     def _last_metrics(self, split: str, run: str, epoch: int) -> dict[str, Any]:
         for line in reversed(self.history):
             if line.get("split") == split and line.get("run") == run and line.get("epoch") == epoch:
                 return {k: v for k, v in line.items() if k not in ("split", "run", "epoch")}
         return {}
+
+    @functools.cached_property
+    def data_fingerprint(self) -> dict[str, Any]:
+        """Per seed, a cheap fingerprint of the data (counts, label hashes, sampled image bytes), kept in meta.json."""
+        return {str(seed): fingerprint(data) for seed, data in self.data.items()}
+
+    def check_same_data(self, saved: Any) -> None:
+        """On resume: the data found now must be the data the run started with (meta.json's fingerprint)."""
+        if isinstance(saved, dict):  # a run of an older ibcore recorded none
+            for seed, now in self.data_fingerprint.items():
+                check_same_data(saved.get(seed), now, self.run_dir)
 
     def _write_meta(self) -> None:
         if not self.dist.is_main:
@@ -665,6 +682,8 @@ class Trainer:
             "fused_groups": self.fused.describe() if self.fused else [],
             "smoke": self.smoke,
             "distributed": self.dist.describe(),
+            "metrics_format": METRICS_FORMAT,
+            "data_fingerprint": self.data_fingerprint,
         }
         ckpt.atomic_write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
 
@@ -677,6 +696,7 @@ class Trainer:
             return
         state = {
             "format": 1,
+            "metrics_format": METRICS_FORMAT,  # the history's epochs count completed epochs
             "epoch": epoch,
             "distributed": {"world_size": self.dist.world_size, "mode": self.dist.mode},
             "runs": {
@@ -731,6 +751,8 @@ class Trainer:
         Under torchrun every rank loads the same checkpoint, which must come from as many processes
         in the same mode; each rank gets its own RNG state back.
         """
+        path = ckpt.loaded_from(state)
+        ckpt.check_structure(state, path, complete=True)
         check_resume_world(state, self.dist, self.run_dir)
         epoch = int(state["epoch"])
         names = {run.name for run in self.runs}
@@ -742,13 +764,23 @@ class Trainer:
             # Components as they were in the last finished epoch; the next epoch performs any stage start.
             sampler = self.sampler(run, effective_specs(run.config, epoch - 1).sampler)
             run.configure(epoch - 1, self.epochs, self.iters_per_epoch(sampler), transition=False)
-            run.model.load_state_dict(saved["model"])
+            ckpt.load_run_state(run.model, saved["model"], run=run.name, path=path)
             if run.optimizer is not None and saved["optimizer"]:
-                run.optimizer.load_state_dict(saved["optimizer"])
+                ckpt.load_optimizer_state(run.optimizer, saved["optimizer"], run=run.name, path=path)
         self.history = list(state["history"])
         self.best = dict(state.get("best", {}))
+        if state.get("metrics_format") != METRICS_FORMAT:
+            # Written by an older ibcore: epochs counted from 0, metrics named by their labels ("acc@1 (%)").
+            self.history = [{**labels_to_keys(line, self.labels), "epoch": line["epoch"] + 1} for line in self.history]
+            self.best = {
+                name: {**best, "epoch": best["epoch"] + 1, "test": labels_to_keys(best.get("test", {}), self.labels)}
+                for name, best in self.best.items()
+            }
         per_rank = state["rng"].get("torch_per_rank")
-        torch.set_rng_state(per_rank[self.dist.rank] if self.dist.enabled and per_rank else state["rng"]["torch"])
+        if self.dist.enabled and per_rank:
+            ckpt.restore_rng(per_rank[self.dist.rank], path, what=f"rng['torch_per_rank'][{self.dist.rank}]")
+        else:
+            ckpt.restore_rng(state["rng"]["torch"], path)
         self.start_epoch = epoch
         if self.dist.is_main:
             # metrics.jsonl may hold lines written after this checkpoint: rewrite it from the history.
@@ -761,7 +793,8 @@ class Trainer:
         rows, best_rows = [], []
         for run in self.runs:
             variants = [(None, run.config.reference)] + [(spec.name, spec.reference) for spec in run.config.posthoc]
-            for adjustment, reference in variants:
+            for adjustment, given in variants:
+                reference = labels_to_keys(given, self.labels) if given else None  # "acc@1 (%)" names acc1
                 variant = run.repeat.variant(adjustment)
                 evals = [m for m in self.history if m.get("split") == "test" and m.get("run") == variant]
                 row: dict[str, Any] = {
@@ -772,7 +805,7 @@ class Trainer:
                 }
                 if evals:
                     last = evals[-1]
-                    row["epoch"] = last["epoch"] + 1
+                    row["epoch"] = last["epoch"]
                     row.update({k: v for k, v in last.items() if k not in ("split", "run", "epoch")})
                 if reference:
                     row["reference"] = reference
@@ -780,24 +813,27 @@ class Trainer:
                 if variant in self.best:
                     best = self.best[variant]
                     best_row = {k: row[k] for k in ("run", "method", "seed", "status")}
-                    best_row.update({"epoch": best["epoch"] + 1, **best["test"]})
+                    best_row.update({"epoch": best["epoch"], **best["test"]})
                     if reference:
                         best_row["reference"] = reference
                     best_rows.append(best_row)
         self._check_references(rows)
+        results = Results(self.run_dir, rows, best_rows, list(self.history), dict(self.labels))
         if not self.dist.is_main:
-            return Results(self.run_dir, rows, best_rows)
-        write_tables(self.run_dir, rows, best_rows)
+            return results
+        write_tables(self.run_dir, rows, best_rows, self.labels)
         write_plots(
             self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), rows, list(self.context.class_counts or ())
         )
+        if not matplotlib_available():
+            self.display.log(f"[yellow]{escape(PLOTS_HINT)}[/yellow]")
         after = (
             f"a smoke run of {len(smoke_epochs(self.experiment))} short epochs, numbers mean nothing"
             if self.smoke
             else f"{self.epochs} epochs"
         )
-        self.display.print(console_table(rows, title=f"results after {after} ({self.run_dir})"))
-        return Results(self.run_dir, rows, best_rows)
+        self.display.print(console_table(rows, title=f"results after {after} ({self.run_dir})", labels=self.labels))
+        return results
 
     def _check_references(self, rows: list[dict[str, Any]]) -> None:
         """Say once per method when a published value names no metric of the results (a typo would hide it)."""
@@ -808,8 +844,9 @@ class Trainer:
             if unknown and row["method"] not in said:
                 said.add(row["method"])
                 self.display.log(
-                    f"[yellow]{row['method']}: reference {', '.join(map(repr, unknown))} is no metric of the "
-                    f"results; they are {', '.join(map(repr, measured))}[/yellow]"
+                    f"[yellow]{escape(row['method'])}: reference {escape(', '.join(map(repr, unknown)))} is no "
+                    f"metric of the results; they are {escape(', '.join(map(repr, measured)))} (or their labels "
+                    f"{escape(', '.join(repr(display_label(m, self.labels)) for m in measured))})[/yellow]"
                 )
 
 
@@ -856,13 +893,6 @@ def _config_source(run_dir: Path) -> str:
     except (OSError, ValueError):
         pass
     return str(run_dir / "config.yaml")
-
-
-def _headline(metrics: dict[str, Any]) -> float | None:
-    for key in ("acc@1 (%)", "balanced_acc (%)"):
-        if isinstance(metrics.get(key), (int, float)):
-            return float(metrics[key])
-    return None
 
 
 def _json_default(value: Any) -> Any:

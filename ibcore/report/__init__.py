@@ -7,10 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from ibcore.errors import IbError
-from ibcore.report.plots import write_plots
-from ibcore.report.tables import console_table, print_table, write_tables
+from ibcore.report.console import console_table, render_text
+from ibcore.report.labels import display_label
+from ibcore.report.plots import PLOTS_HINT, matplotlib_available, write_plots
+from ibcore.report.results import Results
+from ibcore.report.tables import print_table, write_tables
+
+# meta.json's ``metrics_format``: 2 since metrics.jsonl's ``epoch`` counts completed epochs (1 = after the
+# first epoch) and metric keys are plain (``acc1``); files without it count epochs from 0.
+METRICS_FORMAT = 2
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -33,6 +41,13 @@ def _rows(payload: Any, key: str, path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def completed_epochs(lines: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """metrics.jsonl lines whose ``epoch`` counts completed epochs; an older file (0-based) is shifted by one."""
+    if isinstance(meta.get("metrics_format"), int) and meta["metrics_format"] >= METRICS_FORMAT:
+        return lines
+    return [{**line, "epoch": line["epoch"] + 1} if isinstance(line.get("epoch"), int) else line for line in lines]
+
+
 def render_run_dir(run_dir: str | Path, console: Console | None = None) -> list[dict[str, Any]]:
     """Re-render tables and plots of ``run_dir`` from its results.json and metrics.jsonl."""
     run_dir = Path(run_dir)
@@ -47,10 +62,29 @@ def render_run_dir(run_dir: str | Path, console: Console | None = None) -> list[
     rows, best_rows = _rows(payload, "last", results_path), _rows(payload, "best_on_validation", results_path)
     if not isinstance(meta, dict):
         raise IbError(f"{run_dir / 'meta.json'} is not a mapping; is {run_dir} an ibcore run directory?")
-    write_tables(run_dir, rows, best_rows)
-    write_plots(run_dir, read_metrics(run_dir / "metrics.jsonl"), rows, meta.get("class_counts", []))
-    print_table(rows, console)
+    labels = payload.get("labels")
+    labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+    write_tables(run_dir, rows, best_rows, labels)
+    metrics = completed_epochs(read_metrics(run_dir / "metrics.jsonl"), meta)
+    write_plots(run_dir, metrics, rows, meta.get("class_counts", []))
+    console = console or Console()
+    print_table(rows, console, labels)
+    if not matplotlib_available():
+        console.print(f"[yellow]{escape(PLOTS_HINT)}[/yellow]")
     return list(rows)
 
 
-__all__ = ["console_table", "print_table", "read_metrics", "render_run_dir", "write_plots", "write_tables"]
+__all__ = [
+    "METRICS_FORMAT",
+    "PLOTS_HINT",
+    "Results",
+    "completed_epochs",
+    "console_table",
+    "display_label",
+    "print_table",
+    "read_metrics",
+    "render_run_dir",
+    "render_text",
+    "write_plots",
+    "write_tables",
+]

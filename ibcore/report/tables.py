@@ -1,5 +1,7 @@
 """Results tables: one row per method (mean ± std over its seeds, beside its published value), as
-Markdown, CSV, JSON and a console table; the per-seed rows are kept in every file."""
+Markdown, CSV and JSON; the per-seed rows are kept in every file. Files and CSV headers use the metric
+keys (``acc1``); Markdown tables show their display labels (``acc@1 (%)``). The console table is in
+:mod:`ibcore.report.console`."""
 
 from __future__ import annotations
 
@@ -7,13 +9,13 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from ibcore.report.labels import display_label
 from ibcore.report.summary import format_cell, format_number, reference_columns, summarise
 
 _LOWER_IS_BETTER = ("ece", "nll", "loss")
@@ -39,14 +41,14 @@ def lower_is_better(column: str) -> bool:
     return any(word in column.lower() for word in _LOWER_IS_BETTER)
 
 
-def _summary_columns(summaries: Sequence[dict[str, Any]]) -> list[str]:
+def summary_columns(summaries: Sequence[dict[str, Any]]) -> list[str]:
     columns: list[str] = []
     for summary in summaries:
         columns += [name for name in summary["metrics"] if name not in columns]
     return columns
 
 
-def _best_means(summaries: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, float]:
+def best_means(summaries: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, float]:
     """The best mean of each column among the methods whose every seed finished."""
     best = {}
     for column in columns:
@@ -57,15 +59,17 @@ def _best_means(summaries: Sequence[dict[str, Any]], columns: Sequence[str]) -> 
     return best
 
 
-def _reference_headers(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+def reference_headers(
+    summaries: Sequence[dict[str, Any]], labels: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str]]:
     """(metric, published header, difference header) for every metric with a published value."""
     metrics = reference_columns(summaries)
     if len(metrics) == 1:
         return [(metrics[0], "published", "Δ")]
-    return [(m, f"{m} published", f"Δ {m}") for m in metrics]
+    return [(m, f"{display_label(m, labels)} published", f"Δ {display_label(m, labels)}") for m in metrics]
 
 
-def _summary_cells(
+def summary_cells(
     summary: dict[str, Any],
     columns: Sequence[str],
     references: Sequence[tuple[str, str, str]],
@@ -87,32 +91,29 @@ def _summary_cells(
     return cells
 
 
-def _repeated(summaries: Sequence[dict[str, Any]]) -> bool:
+def repeated(summaries: Sequence[dict[str, Any]]) -> bool:
     return any(s["repeats"] > 1 for s in summaries)
-
-
-def _caption(summaries: Sequence[dict[str, Any]], best_marker: str) -> str:
-    return "; ".join([f"{best_marker} best of the column; percentages in %", *_notes(summaries)])
 
 
 def _notes(summaries: Sequence[dict[str, Any]]) -> list[str]:
     parts = []
-    if _repeated(summaries):
+    if repeated(summaries):
         parts.append("mean ± sample std (n seeds)")
     if reference_columns(summaries):
         parts.append("published: the run's reference; Δ = ours − published")
     return parts
 
 
-def _markdown_summary(summaries: Sequence[dict[str, Any]]) -> list[str]:
-    columns = _summary_columns(summaries)
-    references = _reference_headers(summaries)
-    best = _best_means(summaries, columns)
-    header = ["run", "epoch", *columns, *[h for _, p, d in references for h in (p, d)], "status"]
+def _markdown_summary(summaries: Sequence[dict[str, Any]], labels: Mapping[str, str] | None) -> list[str]:
+    columns = summary_columns(summaries)
+    references = reference_headers(summaries, labels)
+    best = best_means(summaries, columns)
+    shown = [display_label(column, labels) for column in columns]
+    header = ["run", "epoch", *shown, *[h for _, p, d in references for h in (p, d)], "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for summary in summaries:
         cells = [summary["run"], format_number(summary["epoch"])]
-        cells += _summary_cells(summary, columns, references, best, lambda text: f"**{text}**")
+        cells += summary_cells(summary, columns, references, best, lambda text: f"**{text}**")
         cells.append(summary["status"])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -127,10 +128,10 @@ def _markdown_summary(summaries: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _markdown_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
+def _markdown_rows(rows: Sequence[dict[str, Any]], labels: Mapping[str, str] | None) -> list[str]:
     """Per-seed rows, as they were measured."""
     columns = metric_columns(rows)
-    header = ["run", "seed", "epoch", *columns, "status"]
+    header = ["run", "seed", "epoch", *[display_label(column, labels) for column in columns], "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [str(row["run"]), format_number(row.get("seed")), format_number(row.get("epoch"))]
@@ -140,12 +141,13 @@ def _markdown_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """One row per method; when methods were repeated over seeds, the per-seed rows follow."""
+def to_markdown(rows: Sequence[dict[str, Any]], labels: Mapping[str, str] | None = None) -> str:
+    """One row per method; when methods were repeated over seeds, the per-seed rows follow. Column headers
+    are the metrics' display ``labels`` (key -> label; a key without one is shown as itself)."""
     summaries = summarise(rows)
-    lines = _markdown_summary(summaries)
-    if _repeated(summaries):
-        lines += ["", "Per seed:", "", *_markdown_rows(rows)]
+    lines = _markdown_summary(summaries, labels)
+    if repeated(summaries):
+        lines += ["", "Per seed:", "", *_markdown_rows(rows, labels)]
     return "\n".join(lines) + "\n"
 
 
@@ -161,16 +163,16 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """One row per method: ``METRIC mean``, ``METRIC std``, ``METRIC n`` and, where published, the published
-    value and our difference."""
+    """One row per method: ``METRIC_mean``, ``METRIC_std``, ``METRIC_n`` and, where published, the published
+    value and our difference (``METRIC_published``, ``METRIC_difference``)."""
     summaries = summarise(rows)
-    columns = _summary_columns(summaries)
+    columns = summary_columns(summaries)
     references = reference_columns(summaries)
     header = ["method", "seeds", "n", "status"]
     for column in columns:
-        header += [f"{column} mean", f"{column} std", f"{column} n"]
+        header += [f"{column}_mean", f"{column}_std", f"{column}_n"]
     for metric in references:
-        header += [f"{metric} published", f"{metric} difference"]
+        header += [f"{metric}_published", f"{metric}_difference"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -185,37 +187,21 @@ def summary_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def console_table(rows: Sequence[dict[str, Any]], title: str = "results (last epoch)") -> Table:
-    """One row per method, as the Markdown table."""
-    summaries = summarise(rows)
-    columns = _summary_columns(summaries)
-    references = _reference_headers(summaries)
-    best = _best_means(summaries, columns)
-    table = Table(title=title, title_justify="left")
-    table.add_column("run", style="bold")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for _, published, difference in references:
-        table.add_column(published, justify="right")
-        table.add_column(difference, justify="right")
-    table.add_column("status")
-    for summary in summaries:
-        cells = [summary["run"]]
-        cells += _summary_cells(summary, columns, references, best, lambda text: f"[bold green]{text}*[/bold green]")
-        status = summary["status"]
-        cells.append(status if status == "ok" else f"[red]{status}[/red]")
-        table.add_row(*cells)
-    table.caption = _caption(summaries, "*")
-    return table
+def write_tables(
+    run_dir: Path,
+    rows: Sequence[dict[str, Any]],
+    best_rows: Sequence[dict[str, Any]] = (),
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Write results.md, results.csv, summary.csv and results.json (atomically) into ``run_dir``.
 
-
-def write_tables(run_dir: Path, rows: Sequence[dict[str, Any]], best_rows: Sequence[dict[str, Any]] = ()) -> None:
-    """Write results.md, results.csv, summary.csv and results.json (atomically) into ``run_dir``."""
+    ``labels`` (metric key -> display label) head the Markdown tables and are kept in results.json.
+    """
     from ibcore.files import atomic_write_text
 
-    markdown = "## Last epoch\n\n" + to_markdown(rows)
+    markdown = "## Last epoch\n\n" + to_markdown(rows, labels)
     if best_rows:
-        markdown += "\n## Best epoch, selected on the validation split\n\n" + to_markdown(best_rows)
+        markdown += "\n## Best epoch, selected on the validation split\n\n" + to_markdown(best_rows, labels)
     atomic_write_text(run_dir / "results.md", markdown)
     atomic_write_text(run_dir / "results.csv", to_csv(rows))
     atomic_write_text(run_dir / "summary.csv", summary_csv(rows))
@@ -224,9 +210,14 @@ def write_tables(run_dir: Path, rows: Sequence[dict[str, Any]], best_rows: Seque
         "summary": summarise(rows),
         "best_on_validation": list(best_rows),
         "summary_best_on_validation": summarise(best_rows),
+        "labels": dict(labels or {}),
     }
     atomic_write_text(run_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def print_table(rows: Sequence[dict[str, Any]], console: Console | None = None) -> None:
-    (console or Console()).print(console_table(rows))
+def print_table(
+    rows: Sequence[dict[str, Any]], console: Console | None = None, labels: Mapping[str, str] | None = None
+) -> None:
+    from ibcore.report.console import console_table
+
+    (console or Console()).print(console_table(rows, labels=labels))

@@ -532,19 +532,16 @@ def wrong_length_class_weights(tmp_path: Path) -> Path:
     return path
 
 
-def test_wrong_length_class_weights_pass_validation_and_stop_ib_run_before_training(
-    ib_cli: Callable[..., Any], tmp_path: Path
-) -> None:
-    # Documented behaviour: `ib validate` cannot know mnist_lt has 10 classes; `ib run` stops when the
-    # loss is built, before the first batch, with exit 1 and a message saying what is wrong.
+def test_wrong_length_class_weights_are_refused_by_ib_validate(ib_cli: Callable[..., Any], tmp_path: Path) -> None:
+    # mnist_lt says it has 10 classes without loading data (num_classes_hint), so `ib validate` checks the
+    # length; `ib run` refuses the config before creating a run directory.
     path = wrong_length_class_weights(tmp_path)
-    assert ib_cli("validate", str(path)).rc == 0
+    validated = ib_cli("validate", str(path))
+    assert validated.rc == 1 and no_traceback(validated.output)
+    assert "expected 10 values, one per class" in " ".join(validated.output.split())
     result = ib_cli("run", str(path), "--quiet", "--out", str(tmp_path / "out"))
     assert result.rc == 1 and no_traceback(result.output), result.output
-    assert "expected 10 class weights (one per class), got 3" in " ".join(result.err.split())
-    # today the run directory exists by then (config.yaml, meta.json), but nothing was trained
-    out = tmp_path / "out"
-    assert not list(out.glob("*/checkpoints")) and not list(out.glob("*/metrics.jsonl"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_wrong_length_class_weights_error_names_the_run_path(ib_cli: Callable[..., Any], tmp_path: Path) -> None:

@@ -320,7 +320,7 @@ def finished_run_dir(folder: Path, results: Any) -> Path:
 
 
 def test_ib_report_never_imports_the_plugins_of_a_run_directory(ib_cli: Callable[..., Any], tmp_path: Path) -> None:
-    run_dir = finished_run_dir(tmp_path / "run", {"last": [{"run": "ce", "status": "ok", "acc@1 (%)": 50.0}]})
+    run_dir = finished_run_dir(tmp_path / "run", {"last": [{"run": "ce", "status": "ok", "acc1": 50.0}]})
     config = base_config()
     config["plugins"] = ["ibtest_sentinel"]
     (run_dir / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
