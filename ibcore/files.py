@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -159,3 +160,24 @@ def append_text(path: Path, text: str, *, fsync: bool = False) -> None:
             raise OutputError.from_os_error(path, exc) from exc
     finally:
         os.close(fd)
+
+
+def finite_json(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as strict JSON can hold it: every NaN or infinite number (also inside lists) becomes null, and
+    ``non_finite`` says which keys held what (``{"ece": "nan"}``), so the reason is not lost."""
+    found: dict[str, str] = {}
+
+    def clean(value: Any, key: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            found.setdefault(key, "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+            return None
+        if isinstance(value, list):
+            return [clean(item, key) for item in value]
+        return value
+
+    cleaned = {key: clean(value, key) for key, value in record.items() if key != "non_finite"}
+    if found:
+        cleaned["non_finite"] = {**record.get("non_finite", {}), **found}
+    elif "non_finite" in record:
+        cleaned["non_finite"] = record["non_finite"]
+    return cleaned

@@ -33,7 +33,7 @@ from ibcore.build import build
 from ibcore.config.schema import Experiment
 from ibcore.context import BuildContext
 from ibcore.engine import checkpoint as ckpt
-from ibcore.engine.batches import DeviceData, LoaderData
+from ibcore.engine.batches import DeviceData, LoaderData, augment_batch
 from ibcore.engine.distributed import (
     Distributed,
     check_resume_world,
@@ -47,10 +47,10 @@ from ibcore.engine.experiment_data import check_same_data, fingerprint, load_dat
 from ibcore.engine.fused import FusedTrainer, full_precision
 from ibcore.engine.progress import ProgressDisplay
 from ibcore.engine.repeats import all_seeds, expand_runs
-from ibcore.engine.runs import RunState, effective_specs, spec_key
+from ibcore.engine.runs import DEFAULT_SAMPLER, RunState, effective_specs, spec_key
 from ibcore.engine.seeding import derive_seed
 from ibcore.errors import BuildError, ConfigError, ConfigIssue, ContextError, DataError, TrainingError
-from ibcore.files import append_text
+from ibcore.files import append_text, finite_json
 from ibcore.report import METRICS_FORMAT, PLOTS_HINT, read_metrics, write_plots, write_tables
 from ibcore.report.console import console_table
 from ibcore.report.labels import display_label, evaluator_labels, headline_key, labels_to_keys
@@ -200,18 +200,67 @@ class Trainer:
                     specs.append((f"runs[{i}].stages[{j}].{field}", field, getattr(stage, field)))
             for j, adjustment in enumerate(run.posthoc):
                 specs.append((f"runs[{i}].posthoc[{j}]", "adjustment", adjustment))
+        for i, run in enumerate(self.experiment.runs):
+            if run.sampler is None:  # the default sampler can leave no full batch too
+                specs.append((f"runs[{i}].sampler (default)", "sampler", DEFAULT_SAMPLER))
         issues = []
         for path, kind, spec in specs:
             if spec is None:
                 continue
             try:
-                build(kind, spec.name, spec.params, context=context)
+                built = build(kind, spec.name, spec.params, context=context)
             except ConfigError as exc:
                 issues += [ConfigIssue(f"{path}.{issue.path}", issue.message) for issue in exc.issues]
+                continue
             except (ContextError, DataError, BuildError) as exc:
                 issues.append(ConfigIssue(path, str(exc)))
+                continue
+            if kind == "sampler" and self.iters_per_epoch(built) == 0:
+                issues.append(ConfigIssue("data.batch_size", self._no_step_message(path, spec.name, len(built))))
+        issues += self._input_shape_issues()
         if issues:
             raise ConfigError(issues, source=self.experiment_source)
+
+    def _no_step_message(self, where: str, sampler: str, indices: int) -> str:
+        data = self.experiment.data
+        return (
+            f"{data.batch_size} is more than the {indices} images sampler {sampler!r} ({where}) draws per epoch, "
+            "and data.drop_last drops the incomplete batch: that run would take no optimisation step. Lower "
+            "data.batch_size or set data.drop_last: false"
+        )
+
+    def _input_shape_issues(self) -> list[ConfigIssue]:
+        """One forward pass of one training image through each distinct backbone, before the first batch: RGB
+        images into a one-channel network, or an image size a model cannot take, are reported at the
+        backbone's config path instead of as a traceback from deep inside torch."""
+        issues = []
+        seen: set[str] = set()
+        for i, run in enumerate(self.experiment.runs):
+            assert run.backbone is not None
+            key = spec_key(run.backbone)
+            if key in seen:
+                continue
+            seen.add(key)
+            state = next(r for r in self.runs if r.method == run.name)
+            x = _one_image(self.data[state.seed].train).to(self.device)
+            was_training = state.model.training
+            state.model.eval()  # no BatchNorm statistics change
+            try:
+                with torch.no_grad():
+                    state.model(x)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                issues.append(
+                    ConfigIssue(
+                        f"runs[{i}].backbone",
+                        f"backbone {run.backbone.name!r} cannot take the images of dataset "
+                        f"{self.experiment.data.dataset.name!r} (one image is {tuple(x.shape[1:])}, channels first): "
+                        f"{reason}. Check the backbone's params (in_channels, image size)",
+                    )
+                )
+            finally:
+                state.model.train(was_training)
+        return issues
 
     def _prepare_ranks(self) -> None:
         """SyncBatchNorm where asked; identical initial weights on every rank (checked, then rank 0's copied)."""
@@ -641,6 +690,7 @@ class Trainer:
     # -- files -----------------------------------------------------------------------------------
 
     def _append_metrics(self, line: dict[str, Any]) -> None:
+        line = finite_json(line)  # strict JSON everywhere: a NaN metric is null, with the reason kept
         self.history.append(line)  # on every rank: all of them keep the same history
         if not self.dist.is_main:
             return
@@ -848,6 +898,14 @@ class Trainer:
                     f"metric of the results; they are {escape(', '.join(map(repr, measured)))} (or their labels "
                     f"{escape(', '.join(repr(display_label(m, self.labels)) for m in measured))})[/yellow]"
                 )
+
+
+def _one_image(data: DeviceData | LoaderData) -> torch.Tensor:
+    """The first training image as a batch of one, normalised as the evaluation sees it."""
+    if isinstance(data, DeviceData):
+        return augment_batch(data.images[:1], data.augment, None, False)
+    image, _ = data.split[0]
+    return torch.as_tensor(image).unsqueeze(0).to(torch.get_default_dtype())
 
 
 def smoke_epochs(experiment: Experiment) -> list[int]:

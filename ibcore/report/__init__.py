@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,30 @@ from ibcore.report.tables import print_table, write_tables
 METRICS_FORMAT = 2
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Lines of a ``metrics.jsonl`` file (a torn last line from a crash is ignored)."""
-    lines = []
-    if path.is_file():
-        for raw in path.read_text(encoding="utf-8").splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                continue
+def read_metrics(path: Path, on_skip: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl`` file that are records: JSON objects with a ``split``, a ``run`` and an
+    ``epoch``. Others (a torn last line from a crash, an edited or damaged line) are skipped; ``on_skip``
+    hears which, with the reason."""
+    lines: list[dict[str, Any]] = []
+    if not path.is_file():
+        return lines
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        reason = None
+        try:
+            line = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            reason = f"not JSON ({type(exc).__name__})"
+        else:
+            if not isinstance(line, dict):
+                reason = f"a JSON {type(line).__name__}, not an object"
+            elif not (isinstance(line.get("split"), str) and isinstance(line.get("run"), str)):
+                reason = "no 'split' and 'run' names"
+            elif not isinstance(line.get("epoch"), int) or isinstance(line.get("epoch"), bool):
+                reason = "no whole-number 'epoch'"
+            else:
+                lines.append(line)
+        if reason is not None and on_skip is not None:
+            on_skip(f"{path} line {number} skipped: {reason}")
     return lines
 
 
@@ -65,9 +81,10 @@ def render_run_dir(run_dir: str | Path, console: Console | None = None) -> list[
     labels = payload.get("labels")
     labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
     write_tables(run_dir, rows, best_rows, labels)
-    metrics = completed_epochs(read_metrics(run_dir / "metrics.jsonl"), meta)
-    write_plots(run_dir, metrics, rows, meta.get("class_counts", []))
     console = console or Console()
+    skipped = lambda message: console.print(f"[yellow]{escape(message)}[/yellow]")  # noqa: E731
+    metrics = completed_epochs(read_metrics(run_dir / "metrics.jsonl", skipped), meta)
+    write_plots(run_dir, metrics, rows, meta.get("class_counts", []))
     print_table(rows, console, labels)
     if not matplotlib_available():
         console.print(f"[yellow]{escape(PLOTS_HINT)}[/yellow]")

@@ -212,7 +212,11 @@ def write_tables(
         "summary_best_on_validation": summarise(best_rows),
         "labels": dict(labels or {}),
     }
-    atomic_write_text(run_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
+    # strict JSON: rows come from metrics.jsonl lines that are finite already; a summary of hand-edited rows may not be
+    text = json.dumps(payload, indent=2, default=str, allow_nan=True)
+    if "NaN" in text or "Infinity" in text:
+        text = json.dumps(_strict(payload), indent=2, default=str)
+    atomic_write_text(run_dir / "results.json", text + "\n")
 
 
 def print_table(
@@ -221,3 +225,14 @@ def print_table(
     from ibcore.report.console import console_table
 
     (console or Console()).print(console_table(rows, labels=labels))
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite number replaced by null (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

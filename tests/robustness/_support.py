@@ -9,7 +9,6 @@ import collections
 import copy
 import os
 import textwrap
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +60,16 @@ EXAMPLES_RUN: collections.Counter[str] = collections.Counter()
 FUZZ_SCALE = float(os.environ.get("IB_FUZZ_SCALE", "1"))
 
 
-def fuzz_settings(max_examples: int, *, deadline_ms: int = 2000) -> settings:
+def fuzz_settings(max_examples: int) -> settings:
     """Deterministic (derandomized, no example database) settings, so CI never flakes on a new draw.
 
-    ``deadline_ms`` bounds the time of one example: a config that takes longer to refuse fails the
-    property. Set ``IB_FUZZ_SCALE`` to search deeper locally.
+    No deadline: a slow or busy machine must not fail a property; work is bounded by the loader's size
+    limits, which tests check by counting (nodes, bytes, memory), not seconds. Set ``IB_FUZZ_SCALE`` to
+    search deeper locally.
     """
     return settings(
         max_examples=max(1, int(max_examples * FUZZ_SCALE)),
-        deadline=timedelta(milliseconds=deadline_ms),
+        deadline=None,
         derandomize=FUZZ_SCALE == 1,
         database=None,
         print_blob=True,
