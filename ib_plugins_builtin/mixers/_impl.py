@@ -54,8 +54,8 @@ class BatchMixer:
     """Mixup family base: Beta(alpha, alpha) lambda, a random pairing, on a ``prob`` fraction of batches.
 
     ``active(epoch)`` is False from epoch ``disable_from_epoch`` on (0-based), which implements
-    "fine-tuning without mixup" for the last epochs. ``mixes_hidden`` tells the trainer whether a
-    plan may mix hidden activations (through ``backbone.forward_mixed``), which its fused path skips.
+    "fine-tuning without mixup" for the last epochs. ``mixes_hidden`` says whether a plan may mix
+    hidden activations (informative: the engine reads each plan's ``layer``).
     """
 
     mixes_hidden: bool = False

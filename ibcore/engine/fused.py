@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
+from ibcore.engine.mixing import draw_plan, mixed_loss
 from ibcore.engine.runs import RunState, spec_key
 from ibcore.engine.stacked_norm import stack_batchnorm
 
@@ -49,8 +50,6 @@ def fusion_blocker(run: RunState) -> str | None:
             return "SGD with dampening or maximize"
     if run.specs.backbone_frozen:
         return "classifier re-training (cRT, LWS) freezes part of the model"
-    if run.mixer is not None and getattr(run.mixer, "mixes_hidden", False):
-        return "the mixer mixes hidden activations"
     return None
 
 
@@ -197,6 +196,7 @@ class FusedTrainer:
         self.history: list[list[str]] = []  # every distinct group of run names fused so far
         self.unfusable: set[str] = set()  # backbone specs whose stacked step failed on this device
         self.ungraphable: set[str] = set()  # runs whose step could not be captured in a CUDA graph
+        self.hidden_mixers: set[str] = set()  # runs whose mixer drew a hidden layer: they train on their own
         self.graph_replays = 0  # steps replayed from a CUDA graph (what the log and tests check)
         self.groups_built = 0  # stacked groups built (a group is reused while its runs do not change)
         self._logged: set[str] = set()
@@ -240,7 +240,7 @@ class FusedTrainer:
             if blocker is not None:
                 self._log_once(f"fused path: run {run.name!r} trains on its own ({blocker})")
                 continue
-            if spec_key(run.config.backbone) in self.unfusable:
+            if spec_key(run.config.backbone) in self.unfusable or run.name in self.hidden_mixers:
                 continue
             # With graphs, runs that cannot replay one (a mixer draws a new batch per run and step; a loss that
             # does not declare itself a pure function of its tensors) are stacked apart: the others keep theirs.
@@ -315,27 +315,52 @@ class FusedTrainer:
             if not all(run.name in names for run in group.runs):
                 continue
             x, y = _group_batch(group, batch_of)
-            if group.verified:
-                self._step_group(group, x, y, epoch, step, iters, generators)
-            else:
-                # The first step of a group is a trial: some batching rules fail on some devices (on an
-                # H100, BatchNorm's backward under vmap and bf16 autocast without cuDNN). Nothing of the
-                # runs' own state has changed yet, so they can go on one after another.
-                try:
-                    self._step_group(group, x, y, epoch, step, iters, generators)
-                except RuntimeError as exc:
-                    self.groups.remove(group)
-                    self.unfusable.add(spec_key(group.runs[0].config.backbone))
-                    self.history = [h for h in self.history if h != [r.name for r in group.runs]]
-                    reason = str(exc).strip().splitlines()[0][:160]
-                    self._log_once(
-                        f"fused path: runs {', '.join(r.name for r in group.runs)} train one after another: "
-                        f"the stacked step failed on this device ({type(exc).__name__}: {reason})"
-                    )
-                    continue
-                group.verified = True
-            handled.update(run.name for run in group.runs)
+            try:
+                stepped = self._try_step(group, x, y, epoch, step, iters, generators)
+            except _MixesHidden as exc:
+                # Nothing has changed this step: the runs' state so far goes back to them, and from now on the
+                # mixing runs train on their own (the group's other runs too, for the rest of this epoch).
+                group.write_back()
+                self.groups.remove(group)
+                self.hidden_mixers.update(exc.runs)
+                for name in exc.runs:
+                    self._log_once(f"fused path: run {name!r} mixes hidden activations: it trains on its own")
+                continue
+            if stepped:
+                handled.update(run.name for run in group.runs)
         return handled
+
+    def _try_step(
+        self,
+        group: _Group,
+        x: _Batch,
+        y: _Batch,
+        epoch: int,
+        step: int,
+        iters: int,
+        generators: dict[str, torch.Generator],
+    ) -> bool:
+        """One step of ``group``; False when its first step failed and its runs go on one after another."""
+        if group.verified:
+            self._step_group(group, x, y, epoch, step, iters, generators)
+            return True
+        # The first step of a group is a trial: some batching rules fail on some devices (on an H100,
+        # BatchNorm's backward under vmap and bf16 autocast without cuDNN). Nothing of the runs' own state has
+        # changed yet, so they can go on one after another.
+        try:
+            self._step_group(group, x, y, epoch, step, iters, generators)
+        except RuntimeError as exc:
+            self.groups.remove(group)
+            self.unfusable.add(spec_key(group.runs[0].config.backbone))
+            self.history = [h for h in self.history if h != [r.name for r in group.runs]]
+            reason = str(exc).strip().splitlines()[0][:160]
+            self._log_once(
+                f"fused path: runs {', '.join(r.name for r in group.runs)} train one after another: "
+                f"the stacked step failed on this device ({type(exc).__name__}: {reason})"
+            )
+            return False
+        group.verified = True
+        return True
 
     def _step_group(
         self,
@@ -348,17 +373,9 @@ class FusedTrainer:
         generators: dict[str, torch.Generator],
     ) -> None:
         """One step of ``group``: ``x``, ``y`` are one batch for every run, or (K, N, ...) with one per run."""
-        plans: list[Any] = []
-        for k, run in enumerate(group.runs):
+        plans = self._draw_plans(group, x, y, epoch, generators)
+        for run in group.runs:
             run.set_lr(epoch, step, iters)
-            mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
-            if mixer is None:
-                plans.append(None)
-                continue
-            plan = mixer.plan(x.of(k), y.of(k), generators[run.name])
-            plan.permutation = plan.permutation.to(x.tensor.device)
-            plan.target_weight = plan.target_weight.to(device=x.tensor.device, dtype=torch.float32)
-            plans.append((mixer, plan))
         group.load_lrs()
         losses: Any
         if any(p is not None for p in plans):
@@ -373,6 +390,24 @@ class FusedTrainer:
             losses = self._plain_step(group, x, y)
         for k, run in enumerate(group.runs):
             run.record_loss(losses[k], step)
+
+    def _draw_plans(
+        self, group: _Group, x: _Batch, y: _Batch, epoch: int, generators: dict[str, torch.Generator]
+    ) -> list[Any]:
+        """Each run's mixer plan for this step, or None. A plan that mixes a hidden layer cannot be stacked (the
+        stacked forward mixes inputs only): the generators are put back as they were and :class:`_MixesHidden`
+        raised, so the sequential path draws the very same plans."""
+        states = {run.name: generators[run.name].get_state() for run in group.runs}
+        plans: list[Any] = []
+        for k, run in enumerate(group.runs):
+            mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
+            plans.append(None if mixer is None else (mixer, draw_plan(mixer, x.of(k), y.of(k), generators[run.name])))
+        hidden = [run.name for run, p in zip(group.runs, plans, strict=True) if p is not None and p[1].layer != 0]
+        if hidden:
+            for name, state in states.items():
+                generators[name].set_state(state)
+            raise _MixesHidden(hidden)
+        return plans
 
     def _autocast(self) -> Any:
         # No weight-cast cache: the step must be capturable in a CUDA graph, and vmap re-reads the weights.
@@ -399,11 +434,7 @@ class FusedTrainer:
             if plans[k] is None:
                 losses.append(run.loss(logits[k], targets))
             else:
-                plan = plans[k][1]
-                losses.append(
-                    run.loss(logits[k], targets, plan.target_weight)
-                    + run.loss(logits[k], targets[plan.permutation], 1.0 - plan.target_weight)
-                )
+                losses.append(mixed_loss(run.loss, logits[k], targets, plans[k][1]))
         torch.stack(losses).sum().backward()
         group.sgd_step()
         return [loss.detach() for loss in losses]
@@ -455,6 +486,14 @@ def _group_batch(group: _Group, batch_of: dict[str, tuple[torch.Tensor, torch.Te
     if all(batch is batches[0] for batch in batches):
         return _Batch(batches[0][0], True), _Batch(batches[0][1], True)
     return _Batch(torch.stack([b[0] for b in batches]), False), _Batch(torch.stack([b[1] for b in batches]), False)
+
+
+class _MixesHidden(Exception):  # noqa: N818 - a control-flow signal, not an error a user sees
+    """A run's plan mixes a hidden layer, which the stacked forward cannot do."""
+
+    def __init__(self, runs: list[str]) -> None:
+        super().__init__(", ".join(runs))
+        self.runs = runs
 
 
 def _graph_safe_loss(run: RunState) -> bool:

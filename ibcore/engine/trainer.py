@@ -45,6 +45,7 @@ from ibcore.engine.distributed import (
 )
 from ibcore.engine.experiment_data import check_same_data, fingerprint, load_data
 from ibcore.engine.fused import FusedTrainer, full_precision
+from ibcore.engine.mixing import draw_plan, mixed_loss
 from ibcore.engine.progress import ProgressDisplay
 from ibcore.engine.repeats import all_seeds, expand_runs
 from ibcore.engine.runs import DEFAULT_SAMPLER, RunState, effective_specs, spec_key
@@ -387,15 +388,12 @@ class Trainer:
         mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
         if mixer is None:
             return run.loss(full_precision(self._forward(run, x)), y)
-        plan = mixer.plan(x, y, generator)
-        plan.permutation = plan.permutation.to(x.device)
-        plan.target_weight = plan.target_weight.to(device=x.device, dtype=torch.float32)
+        plan = draw_plan(mixer, x, y, generator)
         if plan.layer == 0:
             logits = self._forward(run, mixer.mix(x, plan))
         else:
             logits = self._forward(run, x, plan.layer, lambda h: mixer.mix(h, plan))
-        logits = full_precision(logits)
-        return run.loss(logits, y, plan.target_weight) + run.loss(logits, y[plan.permutation], 1.0 - plan.target_weight)
+        return mixed_loss(run.loss, full_precision(logits), y, plan)
 
     # -- epochs ----------------------------------------------------------------------------------
 
