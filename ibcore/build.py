@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from ibcore.context import BuildContext
 from ibcore.errors import BuildError, ConfigError, ConfigIssue, IbError
 from ibcore.protocols import check
-from ibcore.registry import resolve
+from ibcore.registry import describe_plugin_exception, resolve
 
 
 def validate_params(
@@ -30,6 +30,14 @@ def validate_params(
         from ibcore.config.errors import issues_from_validation_error
 
         raise ConfigError(issues_from_validation_error(exc, prefix=path, model=info.params, root=raw)) from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a validator of a plugin's params model that fails instead of refusing
+        message = (
+            f"the params model of {info.kind} {name!r} ({info.provider_label}) failed while checking them: "
+            f"{describe_plugin_exception(exc)}"
+        )
+        raise ConfigError([ConfigIssue(path, message)]) from exc
 
 
 def build(
@@ -50,14 +58,15 @@ def build(
     assert info.factory is not None
     try:
         component = info.factory(validated, context if context is not None else BuildContext())
-    except IbError:
+    except (IbError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # a plugin's bug or a resource error: name the component, keep the cause
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise BuildError(
-            f"{info.kind} {name!r} from {info.provider_label} failed while being built: {type(exc).__name__}"
-            + (f": {detail}" if detail else "")
-        ) from exc
+    except BaseException as exc:  # a plugin's bug, a resource error, sys.exit(): name the component, keep the cause
+        if isinstance(exc, SystemExit):
+            reason = describe_plugin_exception(exc)
+        else:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            reason = type(exc).__name__ + (f": {detail}" if detail else "")
+        raise BuildError(f"{info.kind} {name!r} from {info.provider_label} failed while being built: {reason}") from exc
     return check(info.kind, name, component)
 
 

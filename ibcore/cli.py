@@ -7,12 +7,17 @@ Every error a user can cause ends as a message on stderr and exit code 1, never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -20,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ibcore import __version__
-from ibcore.errors import ConfigError, IbError
+from ibcore.errors import ConfigError, IbError, Terminated
 from ibcore.registry import KINDS, PLURALS, RegistryWarning, _check_kind, distributions, list_components
 
 _KIND_ARGS = sorted(set(KINDS) | set(PLURALS.values()))
@@ -130,6 +135,74 @@ def _print_config_error(error: ConfigError, console: Console) -> None:
         )
 
 
+def _stdout_to_devnull(stream: Any = None) -> None:
+    """Point the file descriptor of ``stream`` (stdout by default) at /dev/null: its reader is gone (``| head``)."""
+    try:
+        fd = (stream or sys.stdout).fileno()
+    except (OSError, ValueError, AttributeError):  # a captured stream (tests, notebooks) has no descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _write_stdout(text: str) -> None:
+    """Machine-readable output (JSON, YAML); dropped without an error once the reader closed the pipe."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+@contextlib.contextmanager
+def _output_survives_a_closed_pipe() -> Iterator[None]:
+    """``ib run ... | head``: once the reader is gone, console output goes nowhere and the command goes on.
+
+    Rich's default is to exit on a ``BrokenPipeError`` (``Console.on_broken_pipe``), which would stop training
+    while train.log and the run directory still need writing.
+    """
+    original = Console.on_broken_pipe
+
+    def on_broken_pipe(console: Console) -> None:
+        console.quiet = True
+        _stdout_to_devnull(getattr(console, "file", None))
+
+    Console.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        Console.on_broken_pipe = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM (a batch scheduler's time limit) and SIGHUP (a closed terminal) stop training as Ctrl-C does: the
+    run directory says how to continue, and the exit code is 128 + the signal's number (143 for SIGTERM).
+
+    A signal already ignored (``nohup`` ignores SIGHUP) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    previous: dict[int, Any] = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from ibcore.config import load_experiment, resolved_config
 
@@ -138,7 +211,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.configs:
         try:
-            experiment = load_experiment(path, overrides=args.set)
+            # A plugin that prints while imported must not end up in the YAML: its output goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr) if args.print else contextlib.nullcontext():
+                experiment = load_experiment(path, overrides=args.set)
         except ConfigError as exc:
             failed = True
             if exc.source is None:
@@ -151,27 +226,44 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             repeats = f"; {trained} trained, one per seed" if trained != count else ""
             console.print(
                 f"[green]✓[/green] {escape(path)}: valid ({count} run{'s' if count != 1 else ''}: "
-                f"{', '.join(r.name for r in experiment.runs)}{repeats})"
+                f"{escape(', '.join(r.name for r in experiment.runs))}{repeats})"
             )
             if args.print:
                 text = yaml.safe_dump(resolved_config(experiment), sort_keys=False, allow_unicode=True)
                 header = f"--- # {path}\n" if len(args.configs) > 1 else ""
-                sys.stdout.write(header + text)
+                _write_stdout(header + text)
     return 1 if failed else 0
+
+
+def _output_file(given: str) -> Path:
+    """The file ``-o`` names, checked before any work: a folder, or a file in a folder that does not exist, is
+    an error that says so."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        raise IbError(f"-o {given}: is a folder; name a file in it, e.g. -o {path / 'ib.schema.json'}")
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise IbError(f"-o {given}: cannot write there: the folder {path.parent} {what}")
+    return path
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     from ibcore.config import experiment_json_schema
 
-    _import_requested_plugins(args)
-    text = json.dumps(experiment_json_schema(), indent=2, sort_keys=False)
-    if args.output:
+    output = _output_file(args.output) if args.output else None
+    # Plugins are imported here (--plugins, --config, entry points): what they print goes to stderr, so stdout
+    # holds the JSON alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        _import_requested_plugins(args)
+        schema = experiment_json_schema()
+    text = json.dumps(schema, indent=2, sort_keys=False)
+    if output is not None:
         from ibcore.files import atomic_write_text
 
-        atomic_write_text(Path(args.output), text + "\n")
-        _console(stderr=True).print(f"wrote {args.output}")
+        atomic_write_text(output, text + "\n")
+        _console(stderr=True).print(f"wrote {escape(str(output))}")
     else:
-        sys.stdout.write(text + "\n")
+        _write_stdout(text + "\n")
     return 0
 
 
@@ -189,7 +281,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ibcore.engine import run
 
     only = [name.strip() for part in args.only for name in part.split(",") if name.strip()] or None
-    results = run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet, smoke=args.smoke, only=only)
+    with _signals_interrupt():
+        results = run(args.config, overrides=args.set, out_dir=args.out, quiet=args.quiet, smoke=args.smoke, only=only)
     _print_quiet_table(args, results)
     return _exit_code(results)
 
@@ -199,7 +292,7 @@ def _print_quiet_table(args: argparse.Namespace, results: object) -> None:
     if args.quiet and hasattr(results, "rows"):
         from ibcore.report.console import console_table
 
-        title = f"results ({getattr(results, 'run_dir', '')})"
+        title = f"results ({getattr(results, 'run_dir', '')})"  # plain text: console_table does not read markup
         _console().print(console_table(results.rows, title=title, labels=getattr(results, "labels", None)))
 
 
@@ -215,7 +308,8 @@ def _exit_code(results: object) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from ibcore.engine import resume
 
-    results = resume(args.run_dir, quiet=args.quiet)
+    with _signals_interrupt():
+        results = resume(args.run_dir, quiet=args.quiet)
     _print_quiet_table(args, results)
     return _exit_code(results)
 
@@ -223,7 +317,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from ibcore.report import render_run_dir
 
-    render_run_dir(args.run_dir, console=_console())
+    render_run_dir(Path(args.run_dir).expanduser(), console=_console())
     return 0
 
 
@@ -342,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     func: Callable[[argparse.Namespace], int] = args.func
     err = _console(stderr=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _output_survives_a_closed_pipe():
         warnings.simplefilter("always", RegistryWarning)
         warnings.showwarning = lambda message, *_a, **_k: err.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
         try:
@@ -355,10 +449,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False)
             return 1
+        except SystemExit as exc:  # ibcore never exits from inside a command: plugin code called sys.exit()
+            if os.environ.get("IB_DEBUG"):
+                raise
+            err.print(
+                f"[red]error:[/red] sys.exit({escape(repr(exc.code))}) was called inside `ib {escape(args.command)}` "
+                "(by plugin code?); the command stopped there",
+                highlight=False,
+            )
+            return 1
         except KeyboardInterrupt as exc:
             # The engine says how to continue once a run directory exists (ibcore.engine.RunInterrupted).
-            message = str(exc) if getattr(exc, "run_dir", None) is not None else "interrupted"
+            signal_name = getattr(exc, "signal_name", None)
+            if getattr(exc, "run_dir", None) is not None:
+                message = str(exc)
+            else:
+                message = f"interrupted by {signal_name}" if signal_name else "interrupted"
             err.print(message, markup=False, soft_wrap=True)  # never broken inside the command to copy
+            if signal_name is not None and hasattr(signal, signal_name):
+                return 128 + int(getattr(signal, signal_name))
             return 130
 
 

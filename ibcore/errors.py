@@ -75,3 +75,21 @@ class CheckpointError(IbError):
 
 class TrainingError(IbError):
     """Training cannot start or continue (bad output directory, every run failed, ...)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM from a batch scheduler's time limit, SIGHUP from a closed terminal) that
+    ``ib run`` and ``ib resume`` turn into an interruption, so training stops as it does on Ctrl-C.
+
+    ``signum`` is the signal's number; the command exits with ``128 + signum`` (143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        try:
+            self.signal_name = signal.Signals(signum).name
+        except ValueError:
+            self.signal_name = f"signal {signum}"
+        super().__init__(f"terminated by {self.signal_name}")

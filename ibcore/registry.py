@@ -20,11 +20,12 @@ import os
 import re
 import traceback
 import types
+import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ibcore.errors import PluginLoadError, RegistryError
@@ -50,8 +51,87 @@ class RegistryWarning(UserWarning):
     """Two providers offer the same component name."""
 
 
-class Params(BaseModel):
-    """Base class for component params: unknown keys are errors, values are immutable."""
+_ACCEPTS_BOOL: tuple[Any, ...] = (bool, Any, object)
+_NOT_A_NUMBER = "a boolean is not a number (YAML reads true/false, yes/no and on/off as booleans)"
+
+
+def _unwrap(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _is_number(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, (int, float)) and not issubclass(annotation, bool)
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    """The members of a (possibly nested, possibly annotated) union, without ``None``."""
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) if a is not type(None) for m in _union_members(a)]
+    return [annotation]
+
+
+def _boolean_problem(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` holds a boolean where ``annotation`` wants a number, or None.
+
+    YAML 1.1 reads ``yes``, ``on`` and ``true`` as booleans, and Python's ``True == 1``: without this check
+    ``epochs: yes`` would train one epoch. A union that accepts booleans itself (``bool | None``) is left alone.
+    """
+    members = _union_members(annotation)
+    if isinstance(value, bool):
+        if any(m in _ACCEPTS_BOOL for m in members):
+            return None
+        return _NOT_A_NUMBER if any(_is_number(m) for m in members) else None
+    if isinstance(value, (list, tuple)):
+        for member in members:
+            origin, args = typing.get_origin(member), typing.get_args(member)
+            if origin in (list, tuple, set, frozenset, Sequence) and args:
+                for i, item in enumerate(value):
+                    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+                        if i >= len(args):
+                            break
+                        element = args[i]
+                    else:
+                        element = args[0]
+                    problem = _boolean_problem(element, item)
+                    if problem is not None:
+                        return f"item {i}: {problem}"
+                return None
+    if isinstance(value, Mapping):
+        for member in members:
+            if typing.get_origin(member) in (dict, Mapping) and len(typing.get_args(member)) == 2:
+                element = typing.get_args(member)[1]
+                for key, item in value.items():
+                    problem = _boolean_problem(element, item)
+                    if problem is not None:
+                        return f"{key!r}: {problem}"
+                return None
+    return None
+
+
+class NumbersAreNotBooleans(BaseModel):
+    """A pydantic model whose int and float fields (and lists, tuples and mappings of them) refuse booleans.
+
+    Pydantic takes ``True`` for the number 1 (``bool`` is an ``int``), so ``lr: true`` would train at lr 1.
+    Numbers written as text stay accepted (PyYAML reads ``2e-4`` as a string).
+    """
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (bool, list, tuple, Mapping)) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            problem = _boolean_problem(field.annotation, value) if field is not None else None
+            if problem is not None:
+                raise PydanticCustomError("bool_is_not_a_number", "{problem}", {"problem": problem})
+        return value
+
+
+class Params(NumbersAreNotBooleans):
+    """Base class for component params: unknown keys are errors, values are immutable, numbers are finite
+    and never booleans."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -247,6 +327,13 @@ def _all_infos(kind: str | None = None) -> list[ComponentInfo]:
     return [info for k in kinds for providers in _state.entries[k].values() for info in providers.values()]
 
 
+def describe_plugin_exception(exc: BaseException) -> str:
+    """One line for an exception raised by plugin code; ``sys.exit()`` is named as such (its message is a code)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: it called sys.exit({exc.code!r}); plugin code must raise an exception instead"
+    return traceback.format_exception_only(type(exc), exc)[-1].strip()
+
+
 def _record_failure(info: ComponentInfo, message: str, cause: BaseException | None) -> None:
     error = PluginLoadError(message)
     if cause is not None:
@@ -265,9 +352,10 @@ def _ensure_loaded(info: ComponentInfo) -> None:
     token = _loading_provider.set((info.provider, info.version))
     try:
         obj = info._entry_point_obj.load()
-    except Exception as exc:  # a plugin may raise anything at import; record it, keep going
-        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        _record_failure(info, f"{where} failed to load: {last}", exc)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a plugin may raise anything at import, sys.exit() included; record it
+        _record_failure(info, f"{where} failed to load: {describe_plugin_exception(exc)}", exc)
         return
     finally:
         _loading_provider.reset(token)

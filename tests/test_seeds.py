@@ -196,7 +196,7 @@ def test_seeds_from_the_command_line_and_their_validation(tmp_path: Path, ib_cli
     [
         ({"acc@1 (%)": 77.0}, "needs a 'source'"),
         ({"source": "a paper"}, "names no metric"),
-        ({"acc@1 (%)": "high", "source": "a paper"}, "must be a number"),
+        ({"acc@1 (%)": "high", "source": "a paper"}, "must be a finite number"),
     ],
 )
 def test_a_reference_needs_a_source_and_numbers(reference: dict[str, Any], message: str) -> None:

@@ -15,19 +15,25 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from ibcore import BuildContext, Params, register_optimizer
 
+# Sane ranges: a learning rate of 1e308 passes every type check and overflows in torch's first step.
+MAX_LR = 1e4
+MAX_WEIGHT_DECAY = 1e2
+MAX_GAMMA = 1e4
+MAX_EPOCHS = 100_000  # trainer.epochs' upper bound: warm-up and milestones count epochs
+
 
 class ScheduledOptimizerParams(Params):
     """The learning rate, weight decay and schedule fields every built-in optimizer takes."""
 
-    lr: float = Field(0.1, gt=0.0, description="Base learning rate (reached at the end of warm-up).")
-    weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty (decoupled for adamw).")
+    lr: float = Field(0.1, gt=0.0, le=MAX_LR, description="Base learning rate (reached at the end of warm-up).")
+    weight_decay: float = Field(0.0, ge=0.0, le=MAX_WEIGHT_DECAY, description="L2 penalty (decoupled for adamw).")
     no_weight_decay_on_bias_and_norm: bool = Field(
         False, description="Put parameters with ndim <= 1 (biases, BatchNorm weights) in a group with weight_decay 0."
     )
     schedule: Literal["multistep", "cosine", "constant"] = Field(
         "multistep", description="Decay after warm-up: multiply by gamma at milestones, cosine to min_lr, or none."
     )
-    warmup_epochs: int = Field(0, ge=0, description="Number of linear warm-up epochs (0 = none).")
+    warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, description="Number of linear warm-up epochs (0 = none).")
     warmup_start_factor: float | None = Field(
         None,
         ge=0.0,
@@ -39,14 +45,16 @@ class ScheduledOptimizerParams(Params):
         default_factory=list,
         description="Epoch counts after which lr is multiplied by gamma (multistep): 160 = from the 161st epoch.",
     )
-    gamma: float = Field(0.1, gt=0.0, description="Multiplier applied at each milestone reached (multistep).")
-    min_lr: float = Field(0.0, ge=0.0, description="Floor the cosine schedule decays to at the last epoch.")
+    gamma: float = Field(
+        0.1, gt=0.0, le=MAX_GAMMA, description="Multiplier applied at each milestone reached (multistep)."
+    )
+    min_lr: float = Field(0.0, ge=0.0, le=MAX_LR, description="Floor the cosine schedule decays to at the last epoch.")
 
     @field_validator("milestones")
     @classmethod
     def _increasing_milestones(cls, milestones: list[int], info: ValidationInfo) -> list[int]:
-        if any(m < 0 for m in milestones):
-            raise ValueError(f"milestones must be non-negative epochs, got {milestones}")
+        if any(m < 0 or m > MAX_EPOCHS for m in milestones):
+            raise ValueError(f"milestones must be epochs from 0 to {MAX_EPOCHS}, got {milestones}")
         if any(b <= a for a, b in pairwise(milestones)):
             raise ValueError(f"milestones must be strictly increasing, got {milestones}")
         if milestones and info.data.get("schedule", "multistep") != "multistep":
@@ -64,11 +72,14 @@ class ScheduledOptimizerParams(Params):
 
 
 class SGDParams(ScheduledOptimizerParams):
-    lr: float = Field(0.1, gt=0.0, description="Base learning rate (reached at the end of warm-up).")
+    lr: float = Field(0.1, gt=0.0, le=MAX_LR, description="Base learning rate (reached at the end of warm-up).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Momentum factor.")
     nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0).")
     weight_decay: float = Field(
-        2e-4, ge=0.0, description="L2 penalty; 2e-4 is the LDAM-DRW / BagofTricks-LT CIFAR value."
+        2e-4,
+        ge=0.0,
+        le=MAX_WEIGHT_DECAY,
+        description="L2 penalty; 2e-4 is the LDAM-DRW / BagofTricks-LT CIFAR value.",
     )
 
     @field_validator("nesterov")
@@ -80,10 +91,12 @@ class SGDParams(ScheduledOptimizerParams):
 
 
 class AdamParams(ScheduledOptimizerParams):
-    lr: float = Field(1e-3, gt=0.0, description="Base learning rate (reached at the end of warm-up).")
+    lr: float = Field(1e-3, gt=0.0, le=MAX_LR, description="Base learning rate (reached at the end of warm-up).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Decay rates of the first and second moments.")
-    eps: float = Field(1e-8, gt=0.0, description="Added to the denominator for numerical stability.")
-    weight_decay: float = Field(0.0, ge=0.0, description="L2 penalty added to the gradient (coupled).")
+    eps: float = Field(1e-8, gt=0.0, le=1.0, description="Added to the denominator for numerical stability.")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=MAX_WEIGHT_DECAY, description="L2 penalty added to the gradient (coupled)."
+    )
 
     @field_validator("betas")
     @classmethod
@@ -94,7 +107,9 @@ class AdamParams(ScheduledOptimizerParams):
 
 
 class AdamWParams(AdamParams):
-    weight_decay: float = Field(1e-2, ge=0.0, description="Decoupled weight decay (torch's AdamW default 0.01).")
+    weight_decay: float = Field(
+        1e-2, ge=0.0, le=MAX_WEIGHT_DECAY, description="Decoupled weight decay (torch's AdamW default 0.01)."
+    )
 
 
 def _build_schedule(params: ScheduledOptimizerParams, context: BuildContext, component: str) -> Any:

@@ -18,6 +18,12 @@ def experiment_json_schema() -> dict[str, Any]:
     defs = schema.setdefault("$defs", {})
     infos = [info for info in list_components(load=True) if info.params is not None]
     for spec_type, kind in SPEC_KINDS.items():
+        # keys a spec takes besides name and params (an adjustment's reference), allowed with every component
+        extra = {
+            key: value
+            for key, value in defs.get(spec_type.__name__, {}).get("properties", {}).items()
+            if key not in ("name", "params")
+        }
         choices = []
         for info in infos:
             if info.kind != kind:
@@ -33,7 +39,8 @@ def experiment_json_schema() -> dict[str, Any]:
                     "description": info.description,
                     "properties": {
                         "name": {"enum": sorted({info.name, info.qualified_name})},
-                        "params": params_schema,
+                        "params": {**params_schema, "type": ["object", "null"]},  # null is the same as {}
+                        **extra,
                     },
                     "required": ["name"],
                     "additionalProperties": False,

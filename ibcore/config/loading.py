@@ -18,13 +18,19 @@ MAX_DEPTH = 64
 MAX_EXTENDED_FILES = 64  # files read to compose one config (each within the limits above)
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _LimitedSafeLoader(yaml.SafeLoader):
     """SafeLoader (no Python object tags) for configs: refuses duplicate keys, binary values, alias
-    bombs and huge documents early, and keeps date-like text as text."""
+    bombs and huge documents early, and keeps date-like text as text. Merge keys (``<<: *base``) work as
+    YAML says: a key written in the mapping overrides a merged one."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._composed = 0
+        self._merged = 0
+        self._flattened: set[yaml.Node] = set()
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         # Count while composing, so a huge flat list is refused before it is built.
@@ -35,23 +41,71 @@ class _LimitedSafeLoader(yaml.SafeLoader):
             )
         return super().compose_node(parent, index)
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Resolve the merge keys of ``node`` (``<<: *base`` or ``<<: [*first, *second]``) as YAML 1.1 says: a key
+        written in the mapping overrides a merged one, and an earlier mapping of a merged list a later one."""
+        # Called on every mapping before its merged keys are used: the first call sees the keys as written.
+        if node in self._flattened:
+            return
+        self._flattened.add(node)
+        self._refuse_duplicates(node)
+        sources: list[yaml.MappingNode] = []
+        written = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                if key_node.tag == "tag:yaml.org,2002:value":
+                    key_node.tag = "tag:yaml.org,2002:str"
+                written.append((key_node, value_node))
+                continue
+            found = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in found:
+                if not isinstance(source, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"a merge key (<<) takes a mapping or a list of mappings, not a {source.id}",
+                        source.start_mark,
+                    )
+                self.flatten_mapping(source)
+                sources.append(source)
+        if not sources:
+            return
+        # Merged pairs are copies: count them, so merging a big mapping into many others stays bounded.
+        self._merged += sum(len(source.value) for source in sources)
+        if self._composed + 2 * self._merged > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the document has more than {MAX_NODES} values (merge keys included)", node.start_mark
+            )
+        # The last of equal keys wins when the mapping is built: later sources first, the written keys last.
+        node.value = [pair for source in reversed(sources) for pair in source.value] + written
+
+    def _refuse_duplicates(self, node: yaml.MappingNode) -> None:
         seen: dict[Any, Any] = {}
+        merges = 0
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            if key_node.tag == _MERGE_TAG:
+                merges += 1
+                if merges > 1:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, "duplicate key '<<'", key_node.start_mark
+                    )
+                continue
+            key = self.construct_object(key_node, deep=False)
             try:
                 duplicate = key in seen
             except TypeError:  # an unhashable key: the base class reports it
-                break
+                return
             if duplicate:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen[key] = True
-        return super().construct_mapping(node, deep=deep)
 
     def _refuse_binary(self, node: yaml.Node) -> Any:
         raise yaml.constructor.ConstructorError(None, None, "binary values (!!binary) are not allowed", node.start_mark)
+
+    def _merge_as_text(self, node: yaml.Node) -> Any:
+        return self.construct_scalar(node)  # type: ignore[arg-type]  # ``<<`` written as a value: plain text
 
 
 # Dates stay strings (a config has no use for datetime objects, and an invalid date would crash);
@@ -62,6 +116,7 @@ _LimitedSafeLoader.yaml_implicit_resolvers = {
 }
 for _tag in ("tag:yaml.org,2002:binary", "tag:yaml.org,2002:set", "tag:yaml.org,2002:omap", "tag:yaml.org,2002:pairs"):
     _LimitedSafeLoader.add_constructor(_tag, _LimitedSafeLoader._refuse_binary)
+_LimitedSafeLoader.add_constructor(_MERGE_TAG, _LimitedSafeLoader._merge_as_text)
 
 
 def _check_size(value: Any, source: str) -> None:

@@ -6,9 +6,8 @@ import copy
 import re
 from typing import Any
 
-import yaml
-
-from ibcore.errors import ConfigIssue
+from ibcore.config.loading import parse_yaml
+from ibcore.errors import ConfigError, ConfigIssue
 
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -30,8 +29,9 @@ def _tokens(path: str) -> list[str | int]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[ConfigIssue]]:
     """Return a copy of ``data`` with every ``a.b[0].c=value`` applied, and the overrides that failed.
 
-    Values are parsed as YAML scalars/flow collections (``5``, ``0.1``, ``[160, 180]``, ``null``).
-    ``runs.NAME`` selects the run called NAME (as well as ``runs[1]``).
+    Values are parsed as YAML scalars/flow collections (``5``, ``0.1``, ``[160, 180]``, ``null``), with the
+    safe loader and limits of config files: duplicate keys, ``!!binary`` and Python tags are refused, at the
+    path the override sets. ``runs.NAME`` selects the run called NAME (as well as ``runs[1]``).
     """
     data = copy.deepcopy(data)
     issues: list[ConfigIssue] = []
@@ -43,9 +43,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
         path, raw_value = override.split("=", 1)
         try:
             tokens = _tokens(path.strip())
-            value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-        except (ValueError, yaml.YAMLError) as exc:
+        except ValueError as exc:
             issues.append(ConfigIssue(where, f"cannot parse override: {exc}"))
+            continue
+        try:
+            value = parse_yaml(raw_value, source="--set") if raw_value.strip() else ""
+        except ConfigError as exc:
+            problem = "; ".join(issue.message for issue in exc.issues)
+            issues.append(ConfigIssue(path.strip(), f"cannot parse override (the --set value): {problem}"))
             continue
         node: Any = data
         for i, token in enumerate(tokens):

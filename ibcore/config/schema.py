@@ -6,20 +6,35 @@ in a second pass (:mod:`ibcore.config.validation`), once the registry knows the 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from ibcore.registry import NumbersAreNotBooleans
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(NumbersAreNotBooleans):
+    """Unknown keys are errors; numbers are finite and never booleans (``epochs: yes`` is not 1)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _object_or_null(schema: dict[str, Any]) -> None:
+    """JSON Schema of ``params``: a mapping, or null (read as ``{}``), as the validator accepts."""
+    schema["type"] = ["object", "null"]
 
 
 class ComponentSpec(_Strict):
     """``{name, params}``: a registered component and its parameters."""
 
     name: str = Field(min_length=1, description="Registered name, or 'provider:name' to pick a provider.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Checked against the component's params model.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Checked against the component's params model; null is the same as {}.",
+        json_schema_extra=_object_or_null,
+    )
 
     @field_validator("params", mode="before")
     @classmethod
@@ -67,8 +82,8 @@ def _check_reference(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if not metrics:
         raise ValueError("names no metric; give the published value of a results column, e.g. acc1: 77.03")
     for key, number in metrics.items():
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != number:
-            raise ValueError(f"{key!r} must be a number (the published value), got {number!r}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError(f"{key!r} must be a finite number (the published value), got {number!r}")
     return {"source": source, **{k: float(v) for k, v in metrics.items()}}
 
 
@@ -127,6 +142,23 @@ class DistributedConfig(_Strict):
     )
 
 
+def _switch_schema(*booleans: bool) -> Any:
+    """JSON Schema of a switch written ``on``/``off``: YAML 1.1 reads those words as booleans, accepted too."""
+
+    def extend(schema: dict[str, Any]) -> None:
+        words = {key: schema.pop(key) for key in ("enum", "type", "const") if key in schema}
+        schema["anyOf"] = [words, {"enum": list(booleans)}]
+
+    return extend
+
+
+def _on_off(value: Any) -> Any:
+    """``fused: on`` reaches us as True (YAML 1.1 reads on/off, yes/no as booleans): True is "on", False "off"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
 class TrainerConfig(_Strict):
     epochs: int = Field(200, ge=1, le=100_000)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto picks CUDA when present.")
@@ -136,15 +168,20 @@ class TrainerConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="How many recent checkpoints to keep.")
     out_dir: str = Field("runs", min_length=1, description="Parent folder of the run directory.")
     fused: Literal["auto", "on", "off"] = Field(
-        "auto", description="Train runs of the same architecture as one stacked model where possible."
+        "auto",
+        description="Train runs of the same architecture as one stacked model where possible.",
+        json_schema_extra=_switch_schema(True, False),
     )
     data_on_device: Literal["auto", "on", "off"] = Field(
-        "auto", description="Keep small data sets on the device and augment there (no DataLoader)."
+        "auto",
+        description="Keep small data sets on the device and augment there (no DataLoader).",
+        json_schema_extra=_switch_schema(True, False),
     )
     cuda_graphs: Literal["auto", "off"] = Field(
         "auto",
         description="On CUDA, capture the training step of fused groups (and of lone runs without a mixer) in a "
         "CUDA graph and replay it for every full batch.",
+        json_schema_extra=_switch_schema(False),
     )
     compile: bool = Field(False, description="torch.compile the training step (CUDA).")
     channels_last: bool = Field(True, description="channels_last memory format for images and convolutions.")
@@ -152,6 +189,21 @@ class TrainerConfig(_Strict):
         default_factory=DistributedConfig,  # type: ignore[arg-type]
         description="Multi-process training under torchrun.",
     )
+
+    @field_validator("fused", "data_on_device", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        return _on_off(value)
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _graphs_switch(cls, value: Any) -> Any:
+        if value is True:
+            raise PydanticCustomError(
+                "cuda_graphs_on",
+                'cuda_graphs is "auto" (graphs wherever CUDA allows them) or "off"; there is no "on": write "auto"',
+            )
+        return _on_off(value)
 
 
 class StageConfig(_Strict):

@@ -20,7 +20,7 @@ from ibcore.config.loading import compose_config_file, compose_mapping
 from ibcore.config.overrides import apply_overrides
 from ibcore.config.schema import Experiment, RunConfig, TrainerConfig, _default_evaluators
 from ibcore.errors import ConfigError, ConfigIssue, RegistryError
-from ibcore.registry import resolve
+from ibcore.registry import describe_plugin_exception, resolve
 
 _RUN_COMPONENTS = ("backbone", "loss", "optimizer", "sampler", "mixer")
 _REQUIRED = ("backbone", "loss", "optimizer")
@@ -98,8 +98,12 @@ def import_plugins(
                 else:  # the module was found; something it imports is missing
                     message = f"could not import {module!r}: ModuleNotFoundError: {exc}"
                 issues.append(ConfigIssue(f"{label}[{i}]", message))
-            except Exception as exc:  # any error in user code is reported, not raised
-                issues.append(ConfigIssue(f"{label}[{i}]", f"could not import {module!r}: {type(exc).__name__}: {exc}"))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # any error in user code is reported, not raised: sys.exit() too
+                what = describe_plugin_exception(exc) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+                message = f"could not import {module!r}: {what}"
+                issues.append(ConfigIssue(f"{label}[{i}]", message))
     return issues
 
 
@@ -152,6 +156,14 @@ def _check_component(
         validated = info.params.model_validate(dict(params), context=context)
     except ValidationError as exc:
         return issues_from_validation_error(exc, prefix=f"{path}.params", model=info.params, root=dict(params)), None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a validator of a plugin's params model that fails instead of refusing
+        message = (
+            f"the params model of {kind} {spec['name']!r} ({info.provider_label}) failed while checking them: "
+            f"{describe_plugin_exception(exc)}"
+        )
+        return [ConfigIssue(f"{path}.params", message)], None
     return [], validated
 
 
@@ -163,7 +175,9 @@ def num_classes_hint(params: BaseModel | None) -> int | None:
         return None
     try:
         value = hint()
-    except Exception:  # a plugin's hint must never break validation; it is only a hint
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # a plugin's hint must never break validation (not even with sys.exit): only a hint
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 

@@ -19,8 +19,8 @@ from ibcore.config.paths import resolve_data_paths
 from ibcore.config.schema import Experiment, resolved_config
 from ibcore.config.validation import load_experiment_with_plugin_dirs, select_runs
 from ibcore.engine.lock import run_directory_lock
-from ibcore.errors import IbError, TrainingError
-from ibcore.files import atomic_write_text
+from ibcore.errors import IbError, Terminated, TrainingError
+from ibcore.files import append_text, atomic_write_text
 
 if TYPE_CHECKING:
     from ibcore.engine.distributed import Distributed
@@ -33,17 +33,24 @@ class RunInterrupted(KeyboardInterrupt):
     when none was written yet: resuming starts again from the beginning); ``command`` what to type.
     """
 
-    def __init__(self, run_dir: Path, epoch: int | None, command: str, epochs: int) -> None:
+    def __init__(
+        self, run_dir: Path, epoch: int | None, command: str, epochs: int, signal_name: str | None = None
+    ) -> None:
         self.run_dir, self.epoch, self.command = run_dir, epoch, command
+        self.signal_name = signal_name  # "SIGTERM" when a termination signal stopped it (see ibcore.errors.Terminated)
         if epoch is None:
             where = "no checkpoint was written yet, so it starts again from the beginning"
         else:
             where = f"it continues after epoch {epoch} of {epochs}, from the newest checkpoint"
-        super().__init__(f"interrupted. To continue, run: {command} ({where})")
+        by = f" by {signal_name}" if signal_name else ""
+        super().__init__(f"interrupted{by}. To continue, run: {command} ({where})")
 
 
-def _interrupted(run_dir: Path, experiment: Experiment, distributed: Distributed | None) -> RunInterrupted:
-    """The :class:`RunInterrupted` for ``run_dir``, with the resume command for this launch."""
+def _interrupted(
+    run_dir: Path, experiment: Experiment, distributed: Distributed | None, cause: BaseException
+) -> RunInterrupted:
+    """The :class:`RunInterrupted` for ``run_dir``, with the resume command for this launch; the same line
+    goes to train.log (rank 0), so a job stopped by its scheduler says so where its log ends."""
     from ibcore.engine.checkpoint import _read_manifest
 
     entries = _read_manifest(run_dir / "checkpoints")
@@ -51,7 +58,12 @@ def _interrupted(run_dir: Path, experiment: Experiment, distributed: Distributed
     world = distributed.world_size if distributed is not None and distributed.enabled else 1
     where = shlex.quote(str(run_dir))
     command = f"torchrun --nproc_per_node={world} -m ibcore.cli resume {where}" if world > 1 else f"ib resume {where}"
-    return RunInterrupted(run_dir, epoch, command, experiment.trainer.epochs)
+    signal_name = cause.signal_name if isinstance(cause, Terminated) else None
+    interrupted = RunInterrupted(run_dir, epoch, command, experiment.trainer.epochs, signal_name)
+    if distributed is None or distributed.is_main:
+        with contextlib.suppress(OSError):  # a full disk must not hide the interruption
+            append_text(run_dir / "train.log", f"{time.strftime('%Y-%m-%d %H:%M:%S')} {interrupted}\n")
+    return interrupted
 
 
 # What the engine writes into a new run directory before the first batch; a directory holding only these
@@ -81,23 +93,72 @@ def _missing_parents(folder: Path) -> list[Path]:
 
 
 def _run_dir(parent: Path, name: str) -> Path:
-    """A new, writable run directory under ``parent``; fails before any training if it cannot be made."""
+    """A new, writable run directory under ``parent``; fails before any training if it cannot be made.
+
+    On failure (a full disk, a read-only file system) nothing is left behind: the probe file, the run
+    directory and the parent folders made for it are removed again.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    made = _missing_parents(parent)  # innermost first
+    candidate: Path | None = None
+    probe: Path | None = None
     try:
         parent.mkdir(parents=True, exist_ok=True)
         for suffix in [""] + [f"-{i}" for i in range(1, 1000)]:
-            candidate = parent / f"{name}-{stamp}{suffix}"
             try:
-                candidate.mkdir()
-                break
+                (parent / f"{name}-{stamp}{suffix}").mkdir()
             except FileExistsError:
                 continue
+            candidate = parent / f"{name}-{stamp}{suffix}"
+            break
+        if candidate is None:
+            raise FileExistsError(f"1000 run directories named {name}-{stamp}-* exist already")
         probe = candidate / ".write-test"
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            if probe is not None:
+                probe.unlink(missing_ok=True)
+        for folder in (candidate, *made):  # innermost first; rmdir removes only empty folders
+            if folder is not None:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise TrainingError(f"cannot write the run directory under {parent}: {exc.strerror or exc}") from exc
     return candidate
+
+
+def check_device(name: str) -> None:
+    """Refuse a ``trainer.device`` this machine does not have, before anything is written.
+
+    ``cuda`` needs CUDA, ``cuda:N`` a visible device N (a ``torchrun`` launch picks ``cuda:LOCAL_RANK``
+    itself), ``mps`` Apple's Metal backend. The message lists the devices that are available.
+    """
+    import torch
+
+    from ibcore.engine.distributed import launched_world
+
+    if name in ("auto", "cpu"):
+        return
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    mps_backend = getattr(torch.backends, "mps", None)
+    mps = bool(mps_backend is not None and mps_backend.is_available())
+    devices = ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(count)] if cuda else []) + (["mps"] if mps else [])
+    available = f"available here: {', '.join(devices)} (or 'auto')"
+    if name == "mps" and not mps:
+        raise TrainingError(
+            f"trainer.device is 'mps', but Apple's MPS backend is not available on this machine; {available}"
+        )
+    if name.startswith("cuda"):
+        if not cuda:
+            raise TrainingError(f"trainer.device is {name!r}, but CUDA is not available on this machine; {available}")
+        index = int(name.split(":", 1)[1]) if ":" in name else 0
+        if index >= count and launched_world()[1] == 1:
+            raise TrainingError(
+                f"trainer.device is {name!r}, but this machine has {count} CUDA device{'s' if count != 1 else ''}; "
+                f"{available}"
+            )
 
 
 def run(
@@ -132,7 +193,8 @@ def run(
     from ibcore.engine.distributed import init_distributed
     from ibcore.engine.trainer import Trainer, resolve_device
 
-    parent = Path(out_dir or experiment.trainer.out_dir)
+    check_device(experiment.trainer.device)  # before the run directory exists
+    parent = Path(out_dir or experiment.trainer.out_dir).expanduser()  # "~/runs", like a dataset root
     created = _missing_parents(parent)
 
     locks = contextlib.ExitStack()
@@ -161,11 +223,11 @@ def run(
         results = trainer.fit()
         distributed.barrier()  # no rank leaves the group while another still uses it (rank 0 writes the tables)
         return results
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if run_dir is None:
             raise
         _stop_display(trainer)
-        raise _interrupted(run_dir, experiment, distributed) from None
+        raise _interrupted(run_dir, experiment, distributed, exc) from None
     finally:
         distributed.close()
         locks.close()
@@ -205,7 +267,7 @@ def resume(run_dir: str | Path, *, quiet: bool = False) -> Any:
     """
     from ibcore.engine.checkpoint import load_latest, remove_stale_temp_files
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise TrainingError(f"{run_dir} is not an ibcore run directory (no config.yaml)")
@@ -250,6 +312,7 @@ def _resume(run_dir: Path, experiment: Experiment, state: Any, saved_data: Any, 
     from ibcore.engine.distributed import check_resume_world, init_distributed
     from ibcore.engine.trainer import Trainer, resolve_device
 
+    check_device(experiment.trainer.device)
     distributed = init_distributed(experiment.trainer, resolve_device(experiment.trainer.device))
     trainer = None
     try:
@@ -270,9 +333,9 @@ def _resume(run_dir: Path, experiment: Experiment, state: Any, saved_data: Any, 
         trainer = None  # free the models before waiting for the other ranks
         distributed.barrier()
         return results
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _stop_display(trainer)
-        raise _interrupted(run_dir, experiment, distributed) from None
+        raise _interrupted(run_dir, experiment, distributed, exc) from None
     finally:
         distributed.close()
 
@@ -288,4 +351,4 @@ def _any_checkpoint(directory: Path) -> bool:
     return any(entry.name == "checkpoints.json" or entry.suffix == ".pt" for entry in directory.iterdir())
 
 
-__all__ = ["RunInterrupted", "resolved_config", "resume", "run"]
+__all__ = ["RunInterrupted", "check_device", "resolved_config", "resume", "run"]
