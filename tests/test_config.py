@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -336,14 +335,11 @@ def _alias_bomb(levels: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_an_alias_bomb_is_refused_quickly(write: Callable[..., Path]) -> None:
-    # Six levels expand to 9**6 = 531,441 strings, over the 200,000-value limit, yet stay fast to walk
-    # with the current code, so this test fails quickly rather than hanging while the bug is open.
+def test_an_alias_bomb_is_refused(write: Callable[..., Path]) -> None:
+    # Six levels expand to 9**6 = 531,441 strings, over the 200,000-value limit (the memory-capped bomb tests in
+    # tests/robustness/test_config_fuzz.py show the expansion is never built).
     path = write(_alias_bomb(6))
-    started = time.perf_counter()
-    message = only_issue(path)
-    assert time.perf_counter() - started < 2.0
-    assert "alias bomb" in message
+    assert "alias bomb" in only_issue(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from rich.markup import escape
 from torch.func import functional_call, stack_module_state, vmap
 
 from ibcore.engine.mixing import draw_plan, mixed_loss
@@ -205,13 +206,13 @@ class FusedTrainer:
     def plan(cls, trainer: Trainer) -> FusedTrainer | None:
         mode = trainer.experiment.trainer.fused
         if mode == "off":
-            trainer.display.log("fused path: off (trainer.fused: off); runs train one after another")
+            trainer.display.log('fused path: off (trainer.fused: "off"); runs train one after another')
             return None
         if mode == "auto" and trainer.device.type != "cuda":
             # Measured on 2 CPU cores (benchmarks/throughput.py): vmap's grouped convolutions and decomposed
             # BatchNorm are slower there than the runs one after another. Kernel launches, which fusion
             # saves, only dominate on a GPU.
-            trainer.display.log("fused path: off on the CPU (trainer.fused: auto); set fused: on to force it")
+            trainer.display.log('fused path: off on the CPU (trainer.fused: auto); set trainer.fused: "on" to force it')
             return None
         return cls(trainer, forced=mode == "on")
 
@@ -356,7 +357,7 @@ class FusedTrainer:
             reason = str(exc).strip().splitlines()[0][:160]
             self._log_once(
                 f"fused path: runs {', '.join(r.name for r in group.runs)} train one after another: "
-                f"the stacked step failed on this device ({type(exc).__name__}: {reason})"
+                f"the stacked step failed on this device ({type(exc).__name__}: {escape(reason)})"
             )
             return False
         group.verified = True
@@ -460,7 +461,7 @@ class FusedTrainer:
                 reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
                 self._log_once(
                     f"CUDA graphs: the step of {', '.join(r.name for r in group.runs)} cannot be captured; "
-                    f"it runs kernel by kernel ({type(exc).__name__}: {reason})"
+                    f"it runs kernel by kernel ({type(exc).__name__}: {escape(reason)})"
                 )
                 return self._plain_step(group, x, y)
         self.graph_replays += 1

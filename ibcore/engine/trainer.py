@@ -558,7 +558,7 @@ class Trainer:
             if bad >= 0:  # the epoch and the batch as ordinals: the 1st epoch, its 4th batch
                 run.failed = f"non-finite loss at epoch {epoch + 1}, batch {bad + 1}"
                 line["failed"] = run.failed
-                self.display.log(f"[red]run {run.name!r} stopped: {run.failed}[/red]; the other runs go on")
+                self.display.log(f"[red]run {run.name!r} stopped: {escape(run.failed)}[/red]; the other runs go on")
             self._append_metrics(line)
             losses.append(f"{run.name}={mean:.4f}")
         images = sum(len(self.samplers[k]) for k in {(r.seed, spec_key(r.specs.sampler)) for r in self.runs if r.specs})

@@ -118,18 +118,24 @@ def test_the_lock_is_released_when_the_block_raises_and_is_not_reentrant(tmp_pat
 def test_a_lock_taken_by_many_processes_at_once_has_exactly_one_holder(tmp_path: Path, mode: str) -> None:
     racer = textwrap.dedent(
         """
-        import sys, time
+        import os, sys, time
         from ibcore.engine import lock
         from ibcore.engine.lock import RunDirectoryLocked
         if sys.argv[2] == "fallback":
             lock.fcntl = None
         while time.time() < float(sys.argv[3]):
             pass
+        from pathlib import Path
+        folder = Path(sys.argv[1])
         try:
-            with lock.run_directory_lock(sys.argv[1]):
+            with lock.run_directory_lock(folder):
                 print("got", flush=True)
-                time.sleep(4)  # longer than the others can be late
+                # hold the lock until the two others have tried, however late they are (a hang guard only)
+                deadline = time.time() + 300
+                while len(list(folder.glob("tried-*"))) < 2 and time.time() < deadline:
+                    time.sleep(0.05)
         except RunDirectoryLocked:
+            (folder / f"tried-{os.getpid()}").touch()
             print("refused", flush=True)
         """
     )
@@ -138,7 +144,7 @@ def test_a_lock_taken_by_many_processes_at_once_has_exactly_one_holder(tmp_path:
         subprocess.Popen([sys.executable, "-c", racer, str(tmp_path), mode, start], stdout=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
-    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in processes)
+    outcomes = sorted(p.communicate(timeout=600)[0].strip() for p in processes)
     assert outcomes == ["got", "refused", "refused"], outcomes
 
 
