@@ -114,7 +114,7 @@ def subprocess_env(python_path: Sequence[Path | str] = (), **env: str) -> dict[s
 def _dist_name(dist_info: Path) -> str:
     from ibcore.registry import _normalise_dist
 
-    return _normalise_dist(dist_info.name.rsplit("-", 1)[0])
+    return _normalise_dist(dist_info.name.removesuffix(".dist-info").rsplit("-", 1)[0])
 
 
 @pytest.fixture
