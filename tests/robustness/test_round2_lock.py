@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -119,29 +118,27 @@ def test_a_lock_taken_by_many_processes_at_once_has_exactly_one_holder(tmp_path:
     racer = textwrap.dedent(
         """
         import os, sys, time
+        from pathlib import Path
         from ibcore.engine import lock
         from ibcore.engine.lock import RunDirectoryLocked
         if sys.argv[2] == "fallback":
             lock.fcntl = None
-        while time.time() < float(sys.argv[3]):
-            pass
-        from pathlib import Path
         folder = Path(sys.argv[1])
+        (folder / f"ready-{os.getpid()}").touch()
+        while len(list(folder.glob("ready-*"))) < 3:  # all three started: now they try at once
+            time.sleep(0.01)
         try:
             with lock.run_directory_lock(folder):
                 print("got", flush=True)
-                # hold the lock until the two others have tried, however late they are (a hang guard only)
-                deadline = time.time() + 300
-                while len(list(folder.glob("tried-*"))) < 2 and time.time() < deadline:
+                while len(list(folder.glob("tried-*"))) < 2:  # hold it until the two others have tried
                     time.sleep(0.05)
         except RunDirectoryLocked:
             (folder / f"tried-{os.getpid()}").touch()
             print("refused", flush=True)
         """
     )
-    start = str(time.time() + 2)  # the interpreters start first, then all try at the same instant
     processes = [
-        subprocess.Popen([sys.executable, "-c", racer, str(tmp_path), mode, start], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", racer, str(tmp_path), mode], stdout=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
     outcomes = sorted(p.communicate(timeout=600)[0].strip() for p in processes)
