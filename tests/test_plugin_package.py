@@ -14,12 +14,12 @@ import math
 import shutil
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _distributions import write_distribution
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SOURCE = REPO_ROOT / "examples" / "plugin-package"
@@ -43,21 +43,6 @@ def demo_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, f"pip install failed:\n{done.stdout}\n{done.stderr}"
     assert (site / "ib_plugin_demo-0.1.0.dist-info" / "entry_points.txt").is_file()
     return site
-
-
-def write_distribution(root: Path, name: str, entry_points: dict[str, dict[str, str]], module: str) -> Path:
-    """An installed distribution ``name`` 0.1.0 under ``root``, with one module ``<name as identifier>_mod``."""
-    identifier = name.replace("-", "_")
-    dist_info = root / f"{identifier}-0.1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n", encoding="utf-8")
-    sections = [
-        f"[{group}]\n" + "".join(f"{ep} = {target}\n" for ep, target in entries.items())
-        for group, entries in entry_points.items()
-    ]
-    (dist_info / "entry_points.txt").write_text("\n".join(sections), encoding="utf-8")
-    (root / f"{identifier}_mod.py").write_text(textwrap.dedent(module), encoding="utf-8")
-    return root
 
 
 def write_config(folder: Path, loss: str, sampler: str | None = None, name: str = "exp.yaml") -> Path:

@@ -212,10 +212,8 @@ def write_tables(
         "summary_best_on_validation": summarise(best_rows),
         "labels": dict(labels or {}),
     }
-    # strict JSON: rows come from metrics.jsonl lines that are finite already; a summary of hand-edited rows may not be
-    text = json.dumps(payload, indent=2, default=str, allow_nan=True)
-    if "NaN" in text or "Infinity" in text:
-        text = json.dumps(_strict(payload), indent=2, default=str)
+    # strict JSON: rows from metrics.jsonl are finite already, but hand-edited rows (ib report) may not be
+    text = json.dumps(_strict(payload), indent=2, default=str, allow_nan=False)
     atomic_write_text(run_dir / "results.json", text + "\n")
 
 

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from _distributions import write_distribution
 from _support import TINY_DATA_PLUGIN, base_config, no_traceback, tiny_config, write_module
 
 import ibcore
@@ -134,20 +134,6 @@ def test_plugin_code_that_calls_sys_exit_while_ib_run_trains_is_an_error(
     result = ib_cli("run", str(path), "--quiet", "--out", str(tmp_path / "out"))
     assert result.rc == 1 and no_traceback(result.output), result.output  # was: exit 0 (or 5), nothing said
     assert shown in result.err
-
-
-def write_distribution(root: Path, name: str, entry_points: dict[str, dict[str, str]], module: str) -> None:
-    """An installed distribution ``name`` 0.1.0 under ``root`` (a dist-info folder and one module)."""
-    identifier = name.replace("-", "_")
-    dist_info = root / f"{identifier}-0.1.0.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n", encoding="utf-8")
-    sections = [
-        f"[{group}]\n" + "".join(f"{ep} = {target}\n" for ep, target in entries.items())
-        for group, entries in entry_points.items()
-    ]
-    (dist_info / "entry_points.txt").write_text("\n".join(sections), encoding="utf-8")
-    (root / f"{identifier}_mod.py").write_text(textwrap.dedent(module), encoding="utf-8")
 
 
 def test_an_installed_plugin_that_calls_sys_exit_is_reported_and_the_rest_works(
