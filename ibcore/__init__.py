@@ -23,7 +23,8 @@ from ibcore.errors import (
     RegistryError,
     TrainingError,
 )
-from ibcore.protocols import AugmentSpec, MixPlan
+from ibcore.kinds import Kind, declare_kind
+from ibcore.protocols import AugmentSpec, Batch, MixPlan, StepRun, TrainingStep
 from ibcore.registry import (
     KINDS,
     ComponentInfo,
@@ -41,6 +42,7 @@ from ibcore.registry import (
     register_mixer,
     register_optimizer,
     register_sampler,
+    register_step,
     registry_snapshot,
 )
 
@@ -72,6 +74,7 @@ def run(experiment: Any, **kwargs: Any) -> Any:
 __all__ = [
     "KINDS",
     "AugmentSpec",
+    "Batch",
     "BuildContext",
     "BuildError",
     "CheckpointError",
@@ -81,6 +84,7 @@ __all__ = [
     "ContextError",
     "DataError",
     "IbError",
+    "Kind",
     "MixPlan",
     "NoParams",
     "Params",
@@ -89,9 +93,12 @@ __all__ = [
     "PluginLoadError",
     "ProtocolError",
     "RegistryError",
+    "StepRun",
     "TrainingError",
+    "TrainingStep",
     "__version__",
     "build",
+    "declare_kind",
     "list_components",
     "load_experiment",
     "register",
@@ -103,6 +110,7 @@ __all__ = [
     "register_mixer",
     "register_optimizer",
     "register_sampler",
+    "register_step",
     "registry_snapshot",
     "run",
     "validate",

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from ibcore.context import BuildContext
 from ibcore.errors import BuildError, ConfigError, ConfigIssue, IbError
-from ibcore.protocols import check
+from ibcore.kinds import check
 from ibcore.registry import describe_plugin_exception, resolve
 
 

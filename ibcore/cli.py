@@ -26,9 +26,8 @@ from rich.table import Table
 
 from ibcore import __version__
 from ibcore.errors import ConfigError, IbError, Terminated
-from ibcore.registry import KINDS, PLURALS, RegistryWarning, _check_kind, distributions, list_components
-
-_KIND_ARGS = sorted(set(KINDS) | set(PLURALS.values()))
+from ibcore.kinds import get_kind, kind_names
+from ibcore.registry import RegistryWarning, _check_kind, distributions, list_components
 
 
 def _console(stderr: bool = False) -> Console:
@@ -71,10 +70,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     _import_requested_plugins(args)
     infos = list_components(args.kind, args.pattern, load=True)
     console = _console()
-    kinds = [_check_kind(args.kind)] if args.kind else list(KINDS)
+    kinds = [_check_kind(args.kind)] if args.kind else list(kind_names())
     for kind in kinds:
         rows = [i for i in infos if i.kind == kind]
-        table = Table(title=f"{PLURALS[kind]} ({len(rows)})", title_justify="left", expand=False)
+        table = Table(title=f"{get_kind(kind).plural} ({len(rows)})", title_justify="left", expand=False)
         table.add_column("name", style="bold")
         table.add_column("provider")
         table.add_column("description")
@@ -89,7 +88,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 cells.append(escape(info.citation or ""))
             table.add_row(*cells)
         if not rows:
-            table.add_row(f"[dim]no {PLURALS[kind]} installed[/dim]", "", "")
+            table.add_row(f"[dim]no {get_kind(kind).plural} installed[/dim]", "", "")
         console.print(table)
     return 0
 
@@ -330,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("list", help="list installed components", description="List installed components.")
-    p.add_argument("kind", nargs="?", choices=_KIND_ARGS, metavar="KIND", help=f"one of: {', '.join(KINDS)}")
+    kinds = kind_names()
+    choices = sorted(set(kinds) | {get_kind(k).plural for k in kinds})
+    p.add_argument("kind", nargs="?", choices=choices, metavar="KIND", help=f"one of: {', '.join(kinds)}")
     p.add_argument("pattern", nargs="?", help="shell-style name pattern, e.g. 'resnet*'")
     p.add_argument("--citations", action="store_true", help="show the paper of each component")
     _add_plugin_options(p)

@@ -1,22 +1,25 @@
 """One small Protocol per component kind, checked once when a component is built.
 
-Factories registered for a kind return an object that has these members; :func:`check` lists what
-is missing in one error instead of failing deep inside a training step. Nothing here imports torch
-at run time, so validating a config stays light.
+Factories registered for a kind return an object that has these members; :func:`ibcore.kinds.check`
+lists what is missing in one error instead of failing deep inside a training step. The kinds themselves
+are declared in :mod:`ibcore.kinds`. Nothing here imports torch at run time, so validating a config
+stays light.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ibcore.errors import ProtocolError
-
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import numpy as np
     import torch
     from torch import Tensor
+
+    from ibcore.context import BuildContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,60 +186,57 @@ class Adjustment(Protocol):
     def __call__(self, model: Any, features: Tensor, logits: Tensor) -> Tensor: ...
 
 
-PROTOCOLS: dict[str, type] = {
-    "dataset": Dataset,
-    "sampler": Sampler,
-    "loss": Loss,
-    "backbone": Backbone,
-    "optimizer": Optimizer,
-    "evaluator": Evaluator,
-    "mixer": Mixer,
-    "adjustment": Adjustment,
-}
+class StepRun(Protocol):
+    """What a training step sees of one run: a narrow view, rebuilt every epoch by the engine.
 
-_METHODS: dict[str, tuple[str, ...]] = {
-    "dataset": (),
-    "sampler": ("indices", "__len__"),
-    "loss": ("__call__",),
-    "backbone": ("__call__", "features", "forward_mixed", "reset_classifier"),
-    "optimizer": ("create", "lr_at"),
-    "evaluator": ("reset", "update", "compute"),
-    "mixer": ("active", "plan", "mix"),
-    "adjustment": ("__call__",),
-}
-_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "dataset": ("num_classes", "train", "test", "val"),
-    "sampler": (),
-    "loss": (),
-    "backbone": ("num_classes", "feature_dim", "num_mix_layers", "classifier"),
-    "optimizer": ("base_lr",),
-    "evaluator": (),
-    "mixer": (),
-    "adjustment": (),
-}
+    ``loss``, ``optimizer`` and ``model`` are the run's current ones (a stage may have replaced them);
+    the learning rate of this step is already set. ``forward`` goes through the run's DDP wrapper under
+    ``data_parallel`` (gradients are averaged over ranks); ``mix_plan`` draws the run's mixer plan for a
+    batch from its seeded stream (None when the run does not mix in this epoch).
+    """
+
+    name: str
+    model: torch.nn.Module
+    loss: Loss
+    optimizer: torch.optim.Optimizer
+    mixer: Mixer | None
+    context: BuildContext
+
+    def forward(self, x: Tensor, layer: int = 0, mix: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Logits; with ``layer > 0``, ``mix`` is applied to the activations entering block ``layer``."""
+        ...
+
+    def mix_plan(self, x: Tensor, y: Tensor) -> MixPlan | None: ...
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The precision context of forward passes (bf16 autocast on CUDA when the trainer asks for it)."""
+        ...
 
 
-def required_methods(kind: str) -> tuple[str, ...]:
-    """Methods a component (or a registered class) of ``kind`` must define."""
-    return _METHODS.get(kind, ())
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One training batch: inputs (N, C, H, W) and int64 targets (N,), augmented, on the device."""
+
+    inputs: Tensor
+    targets: Tensor
 
 
-def missing_members(kind: str, component: Any) -> list[str]:
-    """Names the ``kind`` protocol requires that ``component`` lacks (methods must be callable)."""
-    missing = [m for m in _METHODS[kind] if not callable(getattr(component, m, None))]
-    missing += [a for a in _ATTRIBUTES[kind] if not hasattr(component, a)]
-    return missing
+@runtime_checkable
+class TrainingStep(Protocol):
+    """What one optimisation step does to a set of runs (the ``step`` kind).
 
+    ``runs`` train on ``batches[run.name]`` (runs of one seed and sampler share one :class:`Batch`
+    object). The step computes each run's loss, updates its parameters with ``run.optimizer`` (whose
+    learning rate is set), and returns each run's loss, detached, by name; the engine averages them
+    per epoch and stops a run whose loss is not finite. Built-in: ``standard`` (forward, loss with the
+    run's mixer, backward, one optimizer step) and the engine's fused step, which trains runs whose
+    step is ``standard`` as one stacked model.
 
-def check(kind: str, name: str, component: Any) -> Any:
-    """Return ``component`` if it follows the ``kind`` protocol, else raise :class:`ProtocolError`."""
-    missing = missing_members(kind, component)
-    if missing:
-        raise ProtocolError(
-            f"{kind} {name!r} built {type(component).__name__} that does not follow the {kind} protocol; "
-            f"missing: {', '.join(missing)}."
-        )
-    return component
+    Optional: ``fusable = True`` declares the step to be the standard step's arithmetic, so the fused
+    path may stack its runs (only ``standard`` does; any other step trains its runs one by one).
+    """
+
+    def __call__(self, runs: Sequence[StepRun], batches: Mapping[str, Batch]) -> dict[str, Tensor]: ...
 
 
 def is_tensor_split(split: Any) -> bool:

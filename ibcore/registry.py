@@ -28,20 +28,14 @@ from typing import Any, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from ibcore import kinds as kinds_module
 from ibcore.errors import PluginLoadError, RegistryError
+from ibcore.kinds import get_kind, kind_names
 
-KINDS: tuple[str, ...] = (
-    "dataset",
-    "sampler",
-    "loss",
-    "backbone",
-    "optimizer",
-    "evaluator",
-    "mixer",
-    "adjustment",
-)
-PLURALS: dict[str, str] = {kind: ("losses" if kind == "loss" else kind + "s") for kind in KINDS}
-ENTRY_POINT_GROUPS: dict[str, str] = {kind: f"ibcore.{PLURALS[kind]}" for kind in KINDS}
+# The built-in kinds as declared in ibcore.kinds (a plugin may declare more: use kind_names() for all).
+KINDS: tuple[str, ...] = kind_names()
+PLURALS: dict[str, str] = {kind: get_kind(kind).plural for kind in KINDS}
+ENTRY_POINT_GROUPS: dict[str, str] = {kind: get_kind(kind).entry_point_group for kind in KINDS}
 
 STRICT_ENV = "IB_STRICT_PLUGINS"
 DISABLE_ENV = "IB_DISABLE_PLUGINS"
@@ -235,9 +229,14 @@ class _State:
     entries: dict[str, dict[str, dict[str, ComponentInfo]]]  # kind -> name -> provider -> info
     distributions: dict[str, DistributionStatus]
     discovered: bool = False
+    scanned: set[str] = dataclasses.field(default_factory=set)  # kinds whose entry-point group was read
+
+    def of(self, kind: str) -> dict[str, dict[str, ComponentInfo]]:
+        """The table of ``kind`` (created on first use: a plugin may declare a kind at any time)."""
+        return self.entries.setdefault(kind, {})
 
 
-_state = _State(entries={kind: {} for kind in KINDS}, distributions={})
+_state = _State(entries={}, distributions={})
 # Set while a distribution's entry point is being imported, so its decorators record that provider.
 _loading_provider: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
     "ibcore_loading_provider", default=None
@@ -249,12 +248,8 @@ def _normalise_dist(name: str) -> str:
 
 
 def _check_kind(kind: str) -> str:
-    if kind in KINDS:
-        return kind
-    singular = {plural: k for k, plural in PLURALS.items()}.get(kind)
-    if singular:
-        return singular
-    raise RegistryError(f"Unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}.")
+    """The kind's name, given its name or its plural; an unknown kind is a RegistryError."""
+    return get_kind(kind).name
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,12 +271,15 @@ def _entry_points(group: str) -> list[Any]:
 
 def discover() -> None:
     """Read every ``ibcore.*`` entry point (metadata only). Idempotent; cheap after the first call."""
-    if _state.discovered:
+    kinds = [kind for kind in kind_names() if kind not in _state.scanned]
+    if not kinds:
         return
+    first = not _state.discovered
     _state.discovered = True
+    _state.scanned.update(kinds)
     disabled = _disabled_distributions()
-    for kind in KINDS:
-        for ep in _entry_points(ENTRY_POINT_GROUPS[kind]):
+    for kind in kinds:
+        for ep in _entry_points(get_kind(kind).entry_point_group):
             dist = getattr(ep, "dist", None)
             dist_name = _normalise_dist(dist.name) if dist is not None else "unknown"
             version = dist.version if dist is not None else None
@@ -290,7 +288,7 @@ def discover() -> None:
             if dist_name in disabled:
                 status.disabled = True
                 continue
-            providers = _state.entries[kind].setdefault(ep.name, {})
+            providers = _state.of(kind).setdefault(ep.name, {})
             if dist_name in providers:
                 continue  # the same distribution seen twice on sys.path
             if providers:
@@ -309,7 +307,7 @@ def discover() -> None:
                 entry_point=ep.value,
                 _entry_point_obj=ep,
             )
-    if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+    if first and os.environ.get(STRICT_ENV, "") not in ("", "0"):
         failures = []
         for info in _all_infos():
             _ensure_loaded(info)
@@ -323,8 +321,8 @@ def discover() -> None:
 
 
 def _all_infos(kind: str | None = None) -> list[ComponentInfo]:
-    kinds = [kind] if kind else list(KINDS)
-    return [info for k in kinds for providers in _state.entries[k].values() for info in providers.values()]
+    kinds = [kind] if kind else list(kind_names())
+    return [info for k in kinds for providers in _state.of(k).values() for info in providers.values()]
 
 
 def describe_plugin_exception(exc: BaseException) -> str:
@@ -401,7 +399,7 @@ def _adopt(info: ComponentInfo, registered: ComponentInfo) -> None:
 
 def _entry_point_owner(kind: str, name: str, module: str) -> ComponentInfo | None:
     """The discovered, not yet loaded entry point for ``name`` whose module defines ``module``."""
-    for info in _state.entries[kind].get(name, {}).values():
+    for info in _state.of(kind).get(name, {}).values():
         if info.entry_point and not info.loaded:
             ep_module = info.entry_point.split(":", 1)[0].strip()
             if module == ep_module or module.startswith(ep_module + "."):
@@ -437,11 +435,9 @@ def register(
     if not callable(factory):
         raise RegistryError(f"{kind} {name!r}: the registered object {factory!r} is not callable.")
     if inspect.isclass(factory):
-        from ibcore.protocols import required_methods  # protocols imports nothing heavy
-
         # Look in the class's own MRO: getattr(cls, "__call__") would find type.__call__ on any class.
         defined = {m for k in factory.__mro__ if k is not object for m in vars(k)}
-        missing = [m for m in required_methods(kind) if m not in defined]
+        missing = [m for m in get_kind(kind).methods if m not in defined]
         if missing:
             raise RegistryError(
                 f"{kind} {name!r}: class {factory.__name__} does not follow the {kind} protocol; "
@@ -469,7 +465,7 @@ def register(
         description=doc[0] if doc else "",
         citation=citation,
     )
-    providers = _state.entries[kind].setdefault(name, {})
+    providers = _state.of(kind).setdefault(name, {})
     existing = providers.get(provider)
     if replace:
         providers.clear()
@@ -515,7 +511,10 @@ def _definition_label(factory: Any) -> str:
 T = TypeVar("T")
 
 
-def _decorator(kind: str) -> Callable[..., Callable[[T], T]]:
+def decorator(kind: str) -> Callable[..., Callable[[T], T]]:
+    """The ``register`` decorator of ``kind`` (``decorator("loss")`` is :func:`register_loss`)."""
+    kind = _check_kind(kind)
+
     def register_kind(
         name: str,
         params: type[BaseModel] = NoParams,
@@ -551,14 +550,16 @@ def _decorator(kind: str) -> Callable[..., Callable[[T], T]]:
     return register_kind
 
 
-register_dataset = _decorator("dataset")
-register_sampler = _decorator("sampler")
-register_loss = _decorator("loss")
-register_backbone = _decorator("backbone")
-register_optimizer = _decorator("optimizer")
-register_evaluator = _decorator("evaluator")
-register_mixer = _decorator("mixer")
-register_adjustment = _decorator("adjustment")
+# Named decorators of the built-in kinds (a kind declared by a plugin has Kind.register).
+register_dataset = decorator("dataset")
+register_sampler = decorator("sampler")
+register_loss = decorator("loss")
+register_backbone = decorator("backbone")
+register_optimizer = decorator("optimizer")
+register_evaluator = decorator("evaluator")
+register_mixer = decorator("mixer")
+register_adjustment = decorator("adjustment")
+register_step = decorator("step")
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,8 +571,8 @@ def _failed_plugins() -> list[str]:
 
 
 def _unknown_name_error(kind: str, name: str) -> RegistryError:
-    plural = PLURALS[kind]
-    names = sorted(_state.entries[kind])
+    plural = get_kind(kind).plural
+    names = sorted(_state.of(kind))
     disabled = sorted(
         status.name for status in _state.distributions.values() if status.disabled and (kind, name) in status.components
     )
@@ -584,9 +585,7 @@ def _unknown_name_error(kind: str, name: str) -> RegistryError:
     if close:
         lines[0] += f" Did you mean: {', '.join(close)}?"
     if names:
-        listed = [
-            f"{n} ({', '.join(sorted(p.provider_label for p in _state.entries[kind][n].values()))})" for n in names
-        ]
+        listed = [f"{n} ({', '.join(sorted(p.provider_label for p in _state.of(kind)[n].values()))})" for n in names]
         lines.append(f"Available {plural}: {', '.join(listed)}.")
     else:
         lines.append(f"No {plural} are installed (is ib_plugins_builtin installed, or a plugin missing?).")
@@ -608,7 +607,7 @@ def resolve(kind: str, name: str, *, load: bool = True) -> ComponentInfo:
     base = name
     if ":" in name:
         provider, base = name.rsplit(":", 1)
-    providers = _state.entries[kind].get(base)
+    providers = _state.of(kind).get(base)
     if not providers:
         raise _unknown_name_error(kind, name)
     if provider is not None:
@@ -636,7 +635,7 @@ def available(kind: str) -> list[str]:
     """Names of every discovered component of ``kind`` (nothing is imported)."""
     kind = _check_kind(kind)
     discover()
-    return sorted(_state.entries[kind])
+    return sorted(_state.of(kind))
 
 
 def list_components(kind: str | None = None, pattern: str | None = None, *, load: bool = True) -> list[ComponentInfo]:
@@ -651,7 +650,8 @@ def list_components(kind: str | None = None, pattern: str | None = None, *, load
     if load:
         for info in infos:
             _ensure_loaded(info)
-    return sorted(infos, key=lambda i: (KINDS.index(i.kind), i.name, i.provider))
+    order = kind_names()
+    return sorted(infos, key=lambda i: (order.index(i.kind) if i.kind in order else len(order), i.name, i.provider))
 
 
 def distributions() -> list[DistributionStatus]:
@@ -662,8 +662,10 @@ def distributions() -> list[DistributionStatus]:
 
 @contextlib.contextmanager
 def registry_snapshot() -> Iterator[None]:
-    """Snapshot every registry and restore it on exit, so a test's registrations do not leak."""
+    """Snapshot every registry (and the declared kinds) and restore it on exit, so a test's registrations do not
+    leak."""
     global _state
+    declared = dict(kinds_module._KINDS)
     saved = _State(
         entries={
             kind: {name: {p: copy.copy(i) for p, i in providers.items()} for name, providers in names.items()}
@@ -671,14 +673,17 @@ def registry_snapshot() -> Iterator[None]:
         },
         distributions=copy.deepcopy(_state.distributions),
         discovered=_state.discovered,
+        scanned=set(_state.scanned),
     )
     try:
         yield
     finally:
         _state = saved
+        kinds_module._KINDS.clear()
+        kinds_module._KINDS.update(declared)
 
 
 def reset_discovery() -> None:
     """Forget every registration and discovery (for tests that change the installed plugins)."""
     global _state
-    _state = _State(entries={kind: {} for kind in KINDS}, distributions={})
+    _state = _State(entries={}, distributions={})

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ib_plugins_builtin.losses.class_weights import compute_class_weights
+from ib_plugins_builtin.losses.lade import build_lade
 from ib_plugins_builtin.losses.params import (
     BalancedSoftmaxParams,
     CrossEntropyParams,
@@ -21,6 +22,7 @@ from ib_plugins_builtin.losses.params import (
     LogitAdjustedParams,
     SigmoidCrossEntropyParams,
 )
+from ib_plugins_builtin.losses.vs import build_vs
 from ibcore import BuildContext, register_loss
 
 if TYPE_CHECKING:
@@ -130,4 +132,4 @@ def build_label_aware_smoothing(params: LabelAwareSmoothingParams, context: Buil
     return _build.label_aware_smoothing(params, context)
 
 
-__all__ = ["compute_class_weights"]
+__all__ = ["build_lade", "build_vs", "compute_class_weights"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ibcore.config.schema import SPEC_KINDS, Experiment
+from ibcore.config.schema import Experiment, spec_kinds
 from ibcore.registry import list_components
 
 
@@ -17,7 +17,7 @@ def experiment_json_schema() -> dict[str, Any]:
     schema = Experiment.model_json_schema()
     defs = schema.setdefault("$defs", {})
     infos = [info for info in list_components(load=True) if info.params is not None]
-    for spec_type, kind in SPEC_KINDS.items():
+    for spec_type, kind in spec_kinds().items():
         # keys a spec takes besides name and params (an adjustment's reference), allowed with every component
         extra = {
             key: value

@@ -7,7 +7,7 @@ in a second pass (:mod:`ibcore.config.validation`), once the registry knows the 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -27,7 +27,13 @@ def _object_or_null(schema: dict[str, Any]) -> None:
 
 
 class ComponentSpec(_Strict):
-    """``{name, params}``: a registered component and its parameters."""
+    """``{name, params}``: a registered component and its parameters.
+
+    A subclass per kind sets ``component_kind``: that is how the JSON Schema and the config walk
+    (:func:`ibcore.config.walk.component_specs`) know which kind a field holds.
+    """
+
+    component_kind: ClassVar[str | None] = None
 
     name: str = Field(min_length=1, description="Registered name, or 'provider:name' to pick a provider.")
     params: dict[str, Any] = Field(
@@ -46,29 +52,49 @@ class ComponentSpec(_Strict):
 class DatasetSpec(ComponentSpec):
     """A registered dataset."""
 
+    component_kind = "dataset"
+
 
 class SamplerSpec(ComponentSpec):
     """A registered sampler."""
+
+    component_kind = "sampler"
 
 
 class LossSpec(ComponentSpec):
     """A registered loss."""
 
+    component_kind = "loss"
+
 
 class BackboneSpec(ComponentSpec):
     """A registered backbone."""
+
+    component_kind = "backbone"
 
 
 class OptimizerSpec(ComponentSpec):
     """A registered optimizer with its learning-rate schedule."""
 
+    component_kind = "optimizer"
+
 
 class EvaluatorSpec(ComponentSpec):
     """A registered evaluator."""
 
+    component_kind = "evaluator"
+
+
+class StepSpec(ComponentSpec):
+    """A registered training step (what one optimisation step does: standard, SAM, ...)."""
+
+    component_kind = "step"
+
 
 class MixerSpec(ComponentSpec):
     """A registered mixer."""
+
+    component_kind = "mixer"
 
 
 def _check_reference(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -96,6 +122,8 @@ _REFERENCE_HELP = (
 class AdjustmentSpec(ComponentSpec):
     """A registered post-hoc adjustment."""
 
+    component_kind = "adjustment"
+
     reference: dict[str, Any] | None = Field(None, description=_REFERENCE_HELP)
 
     @field_validator("reference")
@@ -104,16 +132,16 @@ class AdjustmentSpec(ComponentSpec):
         return _check_reference(value)
 
 
-SPEC_KINDS: dict[type[ComponentSpec], str] = {
-    DatasetSpec: "dataset",
-    SamplerSpec: "sampler",
-    LossSpec: "loss",
-    BackboneSpec: "backbone",
-    OptimizerSpec: "optimizer",
-    EvaluatorSpec: "evaluator",
-    MixerSpec: "mixer",
-    AdjustmentSpec: "adjustment",
-}
+def spec_kinds() -> dict[type[ComponentSpec], str]:
+    """Every spec class that names a kind (a plugin's too), and that kind."""
+    found: dict[type[ComponentSpec], str] = {}
+    pending: list[type[ComponentSpec]] = [ComponentSpec]
+    while pending:
+        cls = pending.pop()
+        if cls.component_kind is not None and "component_kind" in vars(cls):
+            found[cls] = cls.component_kind
+        pending += cls.__subclasses__()
+    return found
 
 
 class DataConfig(_Strict):
@@ -216,6 +244,7 @@ class StageConfig(_Strict):
     sampler: SamplerSpec | None = None
     mixer: MixerSpec | None = Field(None, description="A new mixer, or null to switch mixing off.")
     optimizer: OptimizerSpec | None = Field(None, description="A fresh optimizer (and schedule) from this epoch.")
+    step: StepSpec | None = Field(None, description="Another training step from this epoch (e.g. SAM).")
     retrain_classifier: bool = Field(
         False, description="cRT: freeze the backbone (BatchNorm in eval mode), re-initialise and train the classifier."
     )
@@ -260,6 +289,7 @@ class RunDefaults(_Strict):
     optimizer: OptimizerSpec | None = None
     sampler: SamplerSpec | None = None
     mixer: MixerSpec | None = None
+    step: StepSpec | None = None
 
 
 class RunConfig(_Strict):
@@ -269,6 +299,7 @@ class RunConfig(_Strict):
     optimizer: OptimizerSpec | None = None
     sampler: SamplerSpec | None = None
     mixer: MixerSpec | None = None
+    step: StepSpec | None = Field(None, description="What one optimisation step does; default 'standard'.")
     stages: list[StageConfig] = Field(default_factory=list)
     posthoc: list[AdjustmentSpec] = Field(
         default_factory=list, description="Post-hoc adjustments; the run is also evaluated with each applied."

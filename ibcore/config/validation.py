@@ -19,10 +19,11 @@ from ibcore.config.errors import issues_from_validation_error
 from ibcore.config.loading import compose_config_file, compose_mapping
 from ibcore.config.overrides import apply_overrides
 from ibcore.config.schema import Experiment, RunConfig, TrainerConfig, _default_evaluators
+from ibcore.config.walk import component_specs
 from ibcore.errors import ConfigError, ConfigIssue, RegistryError
 from ibcore.registry import describe_plugin_exception, resolve
 
-_RUN_COMPONENTS = ("backbone", "loss", "optimizer", "sampler", "mixer")
+_RUN_COMPONENTS = ("backbone", "loss", "optimizer", "sampler", "mixer", "step")
 _REQUIRED = ("backbone", "loss", "optimizer")
 
 
@@ -192,22 +193,12 @@ def _get(value: Any, key: str) -> Any:
 
 def _raw_specs(data: Mapping[str, Any]) -> Iterator[tuple[Any, str, str]]:
     """Every ``{name, params}`` mapping of a raw config with its kind and path (even if the rest is broken)."""
-    yield _get(_get(data, "data"), "dataset"), "dataset", "data.dataset"
-    for field in _RUN_COMPONENTS:
-        yield _get(_get(data, "defaults"), field), field, f"defaults.{field}"
-    for i, run in _items(_get(data, "runs")):
-        for field in _RUN_COMPONENTS:
-            yield _get(run, field), field, f"runs[{i}].{field}"
-        for j, stage in _items(_get(run, "stages")):
-            for field in ("loss", "sampler", "mixer", "optimizer"):
-                yield _get(stage, field), field, f"runs[{i}].stages[{j}].{field}"
-        for j, adjustment in _items(_get(run, "posthoc")):
-            yield adjustment, "adjustment", f"runs[{i}].posthoc[{j}]"
-    if isinstance(data, Mapping) and "evaluators" not in data:
+    if not isinstance(data, Mapping):
+        return
+    yield from component_specs(Experiment, data)
+    if "evaluators" not in data:
         for evaluator in _default_evaluators():  # checked too, so `ib run` cannot fail on them later
             yield evaluator.model_dump(), "evaluator", "evaluators (default)"
-    for i, evaluator in _items(_get(data, "evaluators")):
-        yield evaluator, "evaluator", f"evaluators[{i}]"
 
 
 def _merge_defaults(experiment: Experiment) -> Experiment:

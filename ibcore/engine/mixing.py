@@ -1,20 +1,19 @@
-"""What a mixing run's step shares between the sequential and the fused path: the plan, and the loss.
+"""What every training step shares for a run's loss: the mixer plan, the (mixed) loss, full-precision logits.
 
 A mixed batch's loss is ``loss(z, y, w) + loss(z, y[perm], 1 - w)`` with ``w`` the plan's per-sample
-target weight (the ``sample_weight`` of the :class:`~ibcore.protocols.Loss` protocol).
+target weight (the ``sample_weight`` of the :class:`~ibcore.protocols.Loss` protocol). The sequential
+step, the fused step and step plugins all compute it with :func:`loss_of`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ibcore.protocols import MixPlan
+from ibcore.protocols import Loss, Mixer, MixPlan
 
 
-def draw_plan(mixer: Any, x: Tensor, y: Tensor, generator: torch.Generator) -> MixPlan:
+def draw_plan(mixer: Mixer, x: Tensor, y: Tensor, generator: torch.Generator) -> MixPlan:
     """The mixer's plan for this batch, its tensors moved to the batch's device."""
     plan: MixPlan = mixer.plan(x, y, generator)
     plan.permutation = plan.permutation.to(x.device)
@@ -22,6 +21,14 @@ def draw_plan(mixer: Any, x: Tensor, y: Tensor, generator: torch.Generator) -> M
     return plan
 
 
-def mixed_loss(loss: Any, logits: Tensor, y: Tensor, plan: MixPlan) -> Tensor:
-    """The loss of a mixed batch: each sample's own label weighted by the plan, its partner's by the rest."""
-    return loss(logits, y, plan.target_weight) + loss(logits, y[plan.permutation], 1.0 - plan.target_weight)  # type: ignore[no-any-return]
+def loss_of(loss: Loss, logits: Tensor, y: Tensor, plan: MixPlan | None = None) -> Tensor:
+    """The run's loss on ``logits``: plain, or with each sample's own label weighted by the plan and its
+    partner's label by the rest."""
+    if plan is None:
+        return loss(logits, y)
+    return loss(logits, y, plan.target_weight) + loss(logits, y[plan.permutation], 1.0 - plan.target_weight)
+
+
+def full_precision(logits: Tensor) -> Tensor:
+    """Losses see float32 logits under bf16 autocast (and float64 when a test runs in float64)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits

@@ -13,8 +13,11 @@ from ibcore.config.schema import ComponentSpec, RunConfig
 from ibcore.context import BuildContext
 from ibcore.engine.repeats import Repeat
 from ibcore.engine.seeding import derive_seed
+from ibcore.protocols import Loss, Mixer, TrainingStep
+from ibcore.protocols import Optimizer as OptimizerRecipe
 
 DEFAULT_SAMPLER = ComponentSpec(name="instance")
+DEFAULT_STEP = ComponentSpec(name="standard")
 
 
 def spec_key(spec: ComponentSpec | None) -> str:
@@ -38,6 +41,7 @@ class EffectiveSpecs:
     scale_classifier: bool = False  # LWS
     train_classifier: bool = False  # the backbone frozen, the classifier trained on (with LWS: MiSLAS)
     update_batchnorm: bool = False  # a frozen backbone's BatchNorm re-estimates its running statistics
+    step: ComponentSpec = dataclasses.field(default_factory=lambda: DEFAULT_STEP)
 
     @property
     def backbone_frozen(self) -> bool:
@@ -48,6 +52,7 @@ def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
     """The components of ``run`` in ``epoch``: later stages override only the fields they set."""
     assert run.loss is not None and run.optimizer is not None
     loss, sampler, mixer, optimizer = run.loss, run.sampler or DEFAULT_SAMPLER, run.mixer, run.optimizer
+    step: ComponentSpec = run.step or DEFAULT_STEP
     optimizer_from, retrain, scale, train, batchnorm, index = 0, False, False, False, "frozen", -1
     for i, stage in enumerate(run.stages):
         if stage.from_epoch > epoch:
@@ -62,6 +67,8 @@ def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
             mixer = stage.mixer
         if stage.optimizer is not None:
             optimizer, optimizer_from = stage.optimizer, stage.from_epoch
+        if stage.step is not None:
+            step = stage.step
         if stage.retrain_classifier:
             retrain = True
         if stage.scale_classifier:
@@ -71,7 +78,7 @@ def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
         if stage.batchnorm is not None:
             batchnorm = stage.batchnorm
     return EffectiveSpecs(
-        loss, sampler, mixer, optimizer, optimizer_from, retrain, index, scale, train, batchnorm == "update"
+        loss, sampler, mixer, optimizer, optimizer_from, retrain, index, scale, train, batchnorm == "update", step
     )
 
 
@@ -115,9 +122,10 @@ class RunState:
         self.model.to(device)
         self.failed: str | None = None
         self.specs: EffectiveSpecs | None = None
-        self.loss: Any = None
-        self.mixer: Any = None
-        self.recipe: Any = None
+        self.loss: Loss | None = None
+        self.mixer: Mixer | None = None
+        self.step: TrainingStep | None = None
+        self.recipe: OptimizerRecipe | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.loss_sum = torch.zeros((), device=device)
         self.loss_steps = 0
@@ -138,6 +146,8 @@ class RunState:
             self.loss = build("loss", specs.loss.name, specs.loss.params, context=context)
             if isinstance(self.loss, torch.nn.Module):
                 self.loss.to(self.device)
+        if previous is None or spec_key(specs.step) != spec_key(previous.step):
+            self.step = build("step", specs.step.name, specs.step.params, context=context)
         if previous is None or spec_key(specs.mixer) != spec_key(previous.mixer):
             self.mixer = (
                 None if specs.mixer is None else build("mixer", specs.mixer.name, specs.mixer.params, context=context)
@@ -198,7 +208,7 @@ class RunState:
             self.model.train()
 
     def set_lr(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
-        assert self.specs is not None and self.optimizer is not None
+        assert self.specs is not None and self.optimizer is not None and self.recipe is not None
         lr = self.recipe.lr_at(epoch - self.specs.optimizer_from_epoch, iteration, iters_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -3,9 +3,9 @@
 Parameters and BatchNorm buffers of K runs are stacked (``torch.func.stack_module_state``) and
 the forward pass is ``vmap``-ed over them, so K small models cost about as many kernel launches
 as one. Each run keeps its own loss, mixer draw, learning rate, weight decay and momentum. The
-sequential path (``Trainer.train_step``) stays the reference: at the end of every epoch the stacked
-state is written back into each run's model and ``torch.optim.SGD`` state, so checkpoints,
-evaluation and resume are shared with it.
+standard step (:mod:`ibcore.engine.steps.standard`) stays the reference: at the end of every epoch the
+stacked state is written back into each run's model and ``torch.optim.SGD`` state, so checkpoints,
+evaluation and resume are shared with it. Only runs whose step is ``standard`` (``fusable``) come here.
 
 Fusion applies to runs whose optimizer is ``torch.optim.SGD`` (no dampening, not maximising),
 that mix only inputs (not hidden layers) and that are not re-training a frozen backbone; other
@@ -25,24 +25,22 @@ import contextlib
 import copy
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from rich.markup import escape
+from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from ibcore.engine.mixing import draw_plan, mixed_loss
-from ibcore.engine.runs import RunState, spec_key
+from ibcore.engine.mixing import full_precision, loss_of
 from ibcore.engine.stacked_norm import stack_batchnorm
+from ibcore.engine.views import RunView
+from ibcore.protocols import Batch, MixPlan
 
-if TYPE_CHECKING:
-    from ibcore.engine.trainer import Trainer
 
-
-def fusion_blocker(run: RunState) -> str | None:
+def fusion_blocker(run: RunView) -> str | None:
     """Why ``run`` cannot be fused (None when it can)."""
-    assert run.specs is not None
     optimizer = run.optimizer
     if type(optimizer) is not torch.optim.SGD:
         return f"optimizer {run.specs.optimizer.name!r} is not plain SGD"
@@ -57,7 +55,7 @@ def fusion_blocker(run: RunState) -> str | None:
 class _Group:
     """K runs stacked: parameters, buffers, momentum buffers and per-run hyperparameters."""
 
-    def __init__(self, runs: list[RunState], compile: bool = False) -> None:
+    def __init__(self, runs: list[RunView], compile: bool = False) -> None:
         self.runs = runs
         self.depends_on = _depends_on(runs)
         self.verified = False  # set once a stacked step has succeeded
@@ -69,7 +67,7 @@ class _Group:
         self.skeleton = copy.deepcopy(models[0]).to("meta").train()  # fused runs never freeze BatchNorm
         stack_batchnorm(self.skeleton)  # one BatchNorm call over K·C channels instead of vmap's decomposition
         self.names = list(self.params)
-        self.groups = []  # per parameter name: the torch param group of each run
+        self.param_groups: list[list[dict[str, Any]]] = []  # per parameter name: each run's torch param group
         self.momentum_buffers = {}
         # Per run, once: parameters by name and each parameter's optimizer group (not a scan per parameter).
         named = [dict(run.model.named_parameters()) for run in runs]
@@ -87,27 +85,27 @@ class _Group:
                 state = run.optimizer.state.get(parameter, {})
                 buffer = state.get("momentum_buffer")
                 buffers_k.append(buffer.detach().clone() if buffer is not None else torch.zeros_like(parameter))
-            self.groups.append(groups_k)
+            self.param_groups.append(groups_k)
             self.momentum_buffers[name] = torch.stack(buffers_k)
         device = self.params[self.names[0]].device
         shape = lambda t, n: t.view(-1, *([1] * (n - 1)))  # noqa: E731 - broadcast (K,) over a parameter
         self.weight_decay = {
             n: shape(torch.tensor([g["weight_decay"] for g in gs], device=device), self.params[n].dim())
-            for n, gs in zip(self.names, self.groups, strict=False)
+            for n, gs in zip(self.names, self.param_groups, strict=True)
         }
         self.momentum = {
             n: shape(torch.tensor([g["momentum"] for g in gs], device=device), self.params[n].dim())
-            for n, gs in zip(self.names, self.groups, strict=False)
+            for n, gs in zip(self.names, self.param_groups, strict=True)
         }
         self.nesterov_mask: dict[str, torch.Tensor | None] = {}
-        for n, gs in zip(self.names, self.groups, strict=True):
+        for n, gs in zip(self.names, self.param_groups, strict=True):
             flags = [bool(g["nesterov"]) for g in gs]
             mask = shape(torch.tensor(flags, device=device), self.params[n].dim())
             self.nesterov_mask[n] = mask if any(flags) else None
         # Learning rates (parameter, run) live in a device tensor that each step refills without a host sync,
         # so a CUDA graph of the step reads the current values.
         self.lrs = torch.zeros(len(self.names), len(runs), device=device)
-        self.graph: _CapturedStep | None = None
+        self.graph: GraphRunner | None = None
         self.capture_failed = False  # capture failed once: this group steps kernel by kernel
         self.eager_only = False  # set each epoch: a run of the group cannot replay a graph (see sync_from_runs)
         self.warm = False  # one eager step on a side stream has run (required before a capture)
@@ -127,7 +125,7 @@ class _Group:
     def load_lrs(self) -> None:
         """Copy the runs' current learning rates into ``self.lrs`` (from pinned memory, without waiting)."""
         cuda = self.lrs.device.type == "cuda"
-        host = torch.tensor([[g["lr"] for g in gs] for gs in self.groups], pin_memory=cuda)
+        host = torch.tensor([[g["lr"] for g in gs] for gs in self.param_groups], pin_memory=cuda)
         self.lrs.copy_(host, non_blocking=cuda)
 
     @torch.no_grad()
@@ -181,20 +179,34 @@ class _Group:
                 buffers[name].copy_(value[k])
 
 
-class FusedTrainer:
-    """Re-groups fusable runs at every epoch start and steps each group as one stacked model."""
+class FusedStep:
+    """The fused implementation of the training step: re-groups fusable runs at every epoch start
+    (:meth:`regroup`) and steps each group as one stacked model; :meth:`write_back` hands the state back.
 
-    def __init__(self, trainer: Trainer, forced: bool) -> None:
-        self.trainer = trainer
+    ``graph_runner`` captures and replays a step (:class:`CapturedStep` on CUDA); ``graphs`` turns that on.
+    """
+
+    def __init__(
+        self,
+        *,
+        log: Callable[[str], None],
+        device_type: str,
+        bf16: bool = False,
+        graphs: bool = False,
+        compile: bool = False,
+        forced: bool = False,
+        graph_runner: Callable[..., GraphRunner] | None = None,
+    ) -> None:
+        self.log = log
+        self.device_type = device_type
+        self.bf16 = bf16
+        self.graphs = graphs
+        self.compile = compile
         self.forced = forced
-        settings = trainer.experiment.trainer
-        # torch.compile has its own graphs (mode="reduce-overhead"); the two are not combined.
-        self.graphs = settings.cuda_graphs == "auto" and trainer.device.type == "cuda" and not settings.compile
-        if settings.cuda_graphs == "auto" and trainer.device.type == "cuda" and settings.compile:
-            trainer.display.log("CUDA graphs: off while trainer.compile is on (torch.compile brings its own)")
+        self.graph_runner = graph_runner or CapturedStep
         self.groups: list[_Group] = []
         self.kept: list[_Group] = []  # last epoch's groups, reused when their runs are unchanged
-        self.history: list[list[str]] = []  # every distinct group of run names fused so far
+        self.fused_sets: list[list[str]] = []  # every distinct set of run names fused so far (meta.json)
         self.unfusable: set[str] = set()  # backbone specs whose stacked step failed on this device
         self.ungraphable: set[str] = set()  # runs whose step could not be captured in a CUDA graph
         self.hidden_mixers: set[str] = set()  # runs whose mixer drew a hidden layer: they train on their own
@@ -202,52 +214,34 @@ class FusedTrainer:
         self.groups_built = 0  # stacked groups built (a group is reused while its runs do not change)
         self._logged: set[str] = set()
 
-    @classmethod
-    def plan(cls, trainer: Trainer) -> FusedTrainer | None:
-        mode = trainer.experiment.trainer.fused
-        if mode == "off":
-            trainer.display.log('fused path: off (trainer.fused: "off"); runs train one after another')
-            return None
-        if mode == "auto" and trainer.device.type != "cuda":
-            # Measured on 2 CPU cores (benchmarks/throughput.py): vmap's grouped convolutions and decomposed
-            # BatchNorm are slower there than the runs one after another. Kernel launches, which fusion
-            # saves, only dominate on a GPU.
-            trainer.display.log('fused path: off on the CPU (trainer.fused: auto); set trainer.fused: "on" to force it')
-            return None
-        return cls(trainer, forced=mode == "on")
-
-    def __bool__(self) -> bool:
-        return True
-
     def describe(self) -> list[list[str]]:
-        return self.history
+        return self.fused_sets
 
-    def _log_once(self, message: str) -> None:
+    def log_once(self, message: str) -> None:
         if message not in self._logged:
             self._logged.add(message)
-            self.trainer.display.log(message)
+            self.log(message)
 
-    def sync_from_runs(self, runs: list[RunState], epoch: int) -> None:
-        """Stack the runs that can share a step this epoch: same backbone spec and same sampler.
+    def regroup(self, runs: Sequence[RunView]) -> None:
+        """Stack the runs that can share a step this epoch: same backbone spec and same sampler lane.
 
         With CUDA graphs, a run that has no partner still gets a group of its own (K = 1) when it mixes
         nothing this epoch: its whole step is then replayed from a graph instead of launched kernel by kernel.
         """
         self.groups = []
-        candidates: dict[tuple[str, tuple[str, int], bool], list[RunState]] = defaultdict(list)
+        candidates: dict[tuple[str, tuple[str, int], bool], list[RunView]] = defaultdict(list)
         for run in runs:
-            assert run.specs is not None
             blocker = fusion_blocker(run)
             if blocker is not None:
-                self._log_once(f"fused path: run {run.name!r} trains on its own ({blocker})")
+                self.log_once(f"fused path: run {run.name!r} trains on its own ({blocker})")
                 continue
-            if spec_key(run.config.backbone) in self.unfusable or run.name in self.hidden_mixers:
+            if run.backbone_key in self.unfusable or run.name in self.hidden_mixers:
                 continue
             # With graphs, runs that cannot replay one (a mixer draws a new batch per run and step; a loss that
             # does not declare itself a pure function of its tensors) are stacked apart: the others keep theirs.
-            eager_only = self.graphs and (_mixes([run], epoch) or not _graph_safe_loss(run))
+            eager_only = self.graphs and (run.mixing or not _graph_safe_loss(run))
             # Runs of every seed whose batches come in lockstep (the same sampler, equally long epochs) stack.
-            candidates[(spec_key(run.config.backbone), self.trainer.lane_of(run), eager_only)].append(run)
+            candidates[(run.backbone_key, run.lane, eager_only)].append(run)
         for (_, _, eager_only), members in candidates.items():
             if len(members) == 1 and (not self.graphs or eager_only or members[0].name in self.ungraphable):
                 continue
@@ -255,31 +249,31 @@ class FusedTrainer:
             group.eager_only = eager_only
             self.groups.append(group)
             names = [run.name for run in members]
-            if len(names) > 1 and names not in self.history:
-                self.history.append(names)
+            if len(names) > 1 and names not in self.fused_sets:
+                self.fused_sets.append(names)
         stacked = [g for g in self.groups if len(g.runs) > 1]
         if stacked:
-            self._log_once(
+            self.log_once(
                 "fused path: "
                 + "; ".join(f"{len(g.runs)} runs stacked ({', '.join(r.name for r in g.runs)})" for g in stacked)
             )
         elif self.forced:
-            self._log_once("fused path: trainer.fused is 'on' but no two runs share an architecture and a sampler")
+            self.log_once("fused path: trainer.fused is 'on' but no two runs share an architecture and a sampler")
         graphed = [r.name for g in self.groups if not g.eager_only for r in g.runs]
         if self.graphs:
             for run in runs:
-                if run.specs is not None and fusion_blocker(run) is None and not _graph_safe_loss(run):
-                    self._log_once(
+                if fusion_blocker(run) is None and not _graph_safe_loss(run):
+                    self.log_once(
                         f"CUDA graphs: run {run.name!r} steps kernel by kernel: its loss does not declare "
                         "cuda_graph_safe = True (a pure function of its tensors; see docs/registering.md)"
                     )
         if self.graphs and graphed:
-            self._log_once(
+            self.log_once(
                 "CUDA graphs: the training step of " + ", ".join(graphed) + " is captured in a graph and replayed "
                 "for every full batch (captured again when a stage changes a run)"
             )
 
-    def _group_of(self, members: list[RunState]) -> _Group:
+    def _group_of(self, members: list[RunView]) -> _Group:
         """Last epoch's group of these runs if nothing it depends on changed (it keeps its CUDA graph), else
         a new one."""
         now = _depends_on(members)
@@ -289,35 +283,29 @@ class FusedTrainer:
                 a is b for old, new in zip(group.depends_on, now, strict=True) for a, b in zip(old, new, strict=True)
             )
             if same:
+                group.runs = members  # this epoch's views (their mixer streams and flags)
                 group.reload()
                 return group
         self.groups_built += 1
-        return _Group(members, compile=self.trainer.experiment.trainer.compile)
+        return _Group(members, compile=self.compile)
 
-    def sync_to_runs(self) -> None:
+    def write_back(self) -> None:
+        """Copy every group's stacked state into its runs' models and optimizers (at the end of an epoch)."""
         for group in self.groups:
             group.write_back()
         self.kept, self.groups = self.groups, []
 
-    def step(
-        self,
-        members: list[RunState],
-        batch_of: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        epoch: int,
-        step: int,
-        iters: int,
-        generators: dict[str, torch.Generator],
-    ) -> set[str]:
-        """Train every fused group whose runs are in ``members``, each run on its own batch ``batch_of[name]``
-        (runs of one seed share one); return the names it handled."""
-        handled: set[str] = set()
-        names = {run.name for run in members}
+    def __call__(self, runs: Sequence[RunView], batches: Mapping[str, Batch]) -> dict[str, Tensor]:
+        """Train every group whose runs are all in ``runs``, each run on ``batches[name]``; return the losses of
+        the runs it trained (the others are left to their own step)."""
+        losses: dict[str, Tensor] = {}
+        names = {run.name for run in runs}
         for group in list(self.groups):
             if not all(run.name in names for run in group.runs):
                 continue
-            x, y = _group_batch(group, batch_of)
+            x, y = _group_batch(group, batches)
             try:
-                stepped = self._try_step(group, x, y, epoch, step, iters, generators)
+                stepped = self._try_step(group, x, y)
             except _MixesHidden as exc:
                 # Nothing has changed this step: the runs' state so far goes back to them, and from now on the
                 # mixing runs train on their own (the group's other runs too, for the rest of this epoch).
@@ -325,58 +313,37 @@ class FusedTrainer:
                 self.groups.remove(group)
                 self.hidden_mixers.update(exc.runs)
                 for name in exc.runs:
-                    self._log_once(f"fused path: run {name!r} mixes hidden activations: it trains on its own")
+                    self.log_once(f"fused path: run {name!r} mixes hidden activations: it trains on its own")
                 continue
-            if stepped:
-                handled.update(run.name for run in group.runs)
-        return handled
+            if stepped is not None:
+                losses.update(stepped)
+        return losses
 
-    def _try_step(
-        self,
-        group: _Group,
-        x: _Batch,
-        y: _Batch,
-        epoch: int,
-        step: int,
-        iters: int,
-        generators: dict[str, torch.Generator],
-    ) -> bool:
-        """One step of ``group``; False when its first step failed and its runs go on one after another."""
+    def _try_step(self, group: _Group, x: _Batch, y: _Batch) -> dict[str, Tensor] | None:
+        """One step of ``group``; None when its first step failed and its runs go on one after another."""
         if group.verified:
-            self._step_group(group, x, y, epoch, step, iters, generators)
-            return True
+            return self._step_group(group, x, y)
         # The first step of a group is a trial: some batching rules fail on some devices (on an H100,
         # BatchNorm's backward under vmap and bf16 autocast without cuDNN). Nothing of the runs' own state has
         # changed yet, so they can go on one after another.
         try:
-            self._step_group(group, x, y, epoch, step, iters, generators)
+            losses = self._step_group(group, x, y)
         except RuntimeError as exc:
             self.groups.remove(group)
-            self.unfusable.add(spec_key(group.runs[0].config.backbone))
-            self.history = [h for h in self.history if h != [r.name for r in group.runs]]
+            self.unfusable.add(group.runs[0].backbone_key)
+            self.fused_sets = [h for h in self.fused_sets if h != [r.name for r in group.runs]]
             reason = str(exc).strip().splitlines()[0][:160]
-            self._log_once(
+            self.log_once(
                 f"fused path: runs {', '.join(r.name for r in group.runs)} train one after another: "
                 f"the stacked step failed on this device ({type(exc).__name__}: {escape(reason)})"
             )
-            return False
+            return None
         group.verified = True
-        return True
+        return losses
 
-    def _step_group(
-        self,
-        group: _Group,
-        x: _Batch,
-        y: _Batch,
-        epoch: int,
-        step: int,
-        iters: int,
-        generators: dict[str, torch.Generator],
-    ) -> None:
+    def _step_group(self, group: _Group, x: _Batch, y: _Batch) -> dict[str, Tensor]:
         """One step of ``group``: ``x``, ``y`` are one batch for every run, or (K, N, ...) with one per run."""
-        plans = self._draw_plans(group, x, y, epoch, generators)
-        for run in group.runs:
-            run.set_lr(epoch, step, iters)
+        plans = _draw_plans(group, x, y)
         group.load_lrs()
         losses: Any
         if any(p is not None for p in plans):
@@ -389,31 +356,13 @@ class FusedTrainer:
             losses = self._graph_step(group, x, y)
         else:
             losses = self._plain_step(group, x, y)
-        for k, run in enumerate(group.runs):
-            run.record_loss(losses[k], step)
-
-    def _draw_plans(
-        self, group: _Group, x: _Batch, y: _Batch, epoch: int, generators: dict[str, torch.Generator]
-    ) -> list[Any]:
-        """Each run's mixer plan for this step, or None. A plan that mixes a hidden layer cannot be stacked (the
-        stacked forward mixes inputs only): the generators are put back as they were and :class:`_MixesHidden`
-        raised, so the sequential path draws the very same plans."""
-        states = {run.name: generators[run.name].get_state() for run in group.runs}
-        plans: list[Any] = []
-        for k, run in enumerate(group.runs):
-            mixer = run.mixer if run.mixer is not None and run.mixer.active(epoch) else None
-            plans.append(None if mixer is None else (mixer, draw_plan(mixer, x.of(k), y.of(k), generators[run.name])))
-        hidden = [run.name for run, p in zip(group.runs, plans, strict=True) if p is not None and p[1].layer != 0]
-        if hidden:
-            for name, state in states.items():
-                generators[name].set_state(state)
-            raise _MixesHidden(hidden)
-        return plans
+        return {run.name: losses[k] for k, run in enumerate(group.runs)}
 
     def _autocast(self) -> Any:
         # No weight-cast cache: the step must be capturable in a CUDA graph, and vmap re-reads the weights.
-        device = self.trainer.device.type
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.trainer.bf16, cache_enabled=False)
+        return torch.autocast(
+            device_type=self.device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False
+        )
 
     def _plain_step(self, group: _Group, x: _Batch, y: _Batch) -> torch.Tensor:
         """Forward, each run's loss, backward and SGD update; the (K,) losses."""
@@ -424,18 +373,14 @@ class FusedTrainer:
         group.sgd_step()
         return losses.detach()
 
-    def _mixed_step(self, group: _Group, x: _Batch, y: _Batch, plans: list[Any]) -> list[torch.Tensor]:
+    def _mixed_step(self, group: _Group, x: _Batch, y: _Batch, plans: list[MixPlan | None]) -> list[torch.Tensor]:
         """As :meth:`_plain_step`, with each mixing run's own mixed inputs and two-target loss."""
         with self._autocast():
-            inputs = torch.stack([x.of(k) if p is None else p[0].mix(x.of(k), p[1]) for k, p in enumerate(plans)])
-            logits = full_precision(group.forward(inputs, shared=False))
-        losses = []
-        for k, run in enumerate(group.runs):
-            targets = y.of(k)
-            if plans[k] is None:
-                losses.append(run.loss(logits[k], targets))
-            else:
-                losses.append(mixed_loss(run.loss, logits[k], targets, plans[k][1]))
+            inputs = []
+            for k, (run, plan) in enumerate(zip(group.runs, plans, strict=True)):
+                inputs.append(x.of(k) if plan is None or run.mixer is None else run.mixer.mix(x.of(k), plan))
+            logits = full_precision(group.forward(torch.stack(inputs), shared=False))
+        losses = [loss_of(run.loss, logits[k], y.of(k), plans[k]) for k, run in enumerate(group.runs)]
         torch.stack(losses).sum().backward()
         group.sgd_step()
         return [loss.detach() for loss in losses]
@@ -451,7 +396,7 @@ class FusedTrainer:
         if group.graph is None:
             try:
                 step = lambda gx, gy: self._plain_step(group, _Batch(gx, x.shared), _Batch(gy, y.shared))  # noqa: E731
-                group.graph = _CapturedStep(step, x.tensor, y.tensor)
+                group.graph = self.graph_runner(step, x.tensor, y.tensor)
             except RuntimeError as exc:  # e.g. a loss that reads a value back to the host
                 group.capture_failed = True
                 for parameter in group.params.values():
@@ -459,13 +404,27 @@ class FusedTrainer:
                 if len(group.runs) == 1:
                     self.ungraphable.add(group.runs[0].name)
                 reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                self._log_once(
+                self.log_once(
                     f"CUDA graphs: the step of {', '.join(r.name for r in group.runs)} cannot be captured; "
                     f"it runs kernel by kernel ({type(exc).__name__}: {escape(reason)})"
                 )
                 return self._plain_step(group, x, y)
         self.graph_replays += 1
         return group.graph.replay(x.tensor, y.tensor)
+
+
+def _draw_plans(group: _Group, x: _Batch, y: _Batch) -> list[MixPlan | None]:
+    """Each run's mixer plan for this step, or None. A plan that mixes a hidden layer cannot be stacked (the
+    stacked forward mixes inputs only): the generators are put back as they were and :class:`_MixesHidden`
+    raised, so the standard step draws the very same plans."""
+    states = [run.generator.get_state() for run in group.runs]
+    plans = [run.mix_plan(x.of(k), y.of(k)) for k, run in enumerate(group.runs)]
+    hidden = [run.name for run, plan in zip(group.runs, plans, strict=True) if plan is not None and plan.layer != 0]
+    if hidden:
+        for run, state in zip(group.runs, states, strict=True):
+            run.generator.set_state(state)
+        raise _MixesHidden(hidden)
+    return plans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,12 +440,13 @@ class _Batch:
         return self.tensor if self.shared else self.tensor[k]
 
 
-def _group_batch(group: _Group, batch_of: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[_Batch, _Batch]:
+def _group_batch(group: _Group, batches: Mapping[str, Batch]) -> tuple[_Batch, _Batch]:
     """The inputs and targets of ``group``'s runs: shared when they are one batch, else stacked."""
-    batches = [batch_of[run.name] for run in group.runs]
-    if all(batch is batches[0] for batch in batches):
-        return _Batch(batches[0][0], True), _Batch(batches[0][1], True)
-    return _Batch(torch.stack([b[0] for b in batches]), False), _Batch(torch.stack([b[1] for b in batches]), False)
+    mine = [batches[run.name] for run in group.runs]
+    if all(batch is mine[0] for batch in mine):
+        return _Batch(mine[0].inputs, True), _Batch(mine[0].targets, True)
+    inputs = torch.stack([b.inputs for b in mine])
+    return _Batch(inputs, False), _Batch(torch.stack([b.targets for b in mine]), False)
 
 
 class _MixesHidden(Exception):  # noqa: N818 - a control-flow signal, not an error a user sees
@@ -497,7 +457,7 @@ class _MixesHidden(Exception):  # noqa: N818 - a control-flow signal, not an err
         self.runs = runs
 
 
-def _graph_safe_loss(run: RunState) -> bool:
+def _graph_safe_loss(run: RunView) -> bool:
     """Whether the run's loss says it may be replayed from a CUDA graph (``cuda_graph_safe = True``).
 
     A graph replays the kernels the loss launched when it was captured: Python-side state that changes
@@ -505,11 +465,6 @@ def _graph_safe_loss(run: RunState) -> bool:
     Only the loss can know, so it opts in; the built-in losses do.
     """
     return bool(getattr(run.loss, "cuda_graph_safe", False))
-
-
-def _mixes(runs: list[RunState], epoch: int) -> bool:
-    """Whether any of ``runs`` mixes its inputs in ``epoch``."""
-    return any(run.mixer is not None and run.mixer.active(epoch) for run in runs)
 
 
 @contextlib.contextmanager
@@ -526,13 +481,22 @@ def _side_stream(device: torch.device) -> Iterator[None]:
     current.wait_stream(side)
 
 
-def _depends_on(runs: list[RunState]) -> list[tuple[Any, ...]]:
-    """What a stacked step depends on: each run, its model, optimizer, loss, mixer and stage objects. A stage
+def _depends_on(runs: list[RunView]) -> list[tuple[Any, ...]]:
+    """What a stacked step depends on: each run's model, optimizer, loss, mixer and stage objects. A stage
     that changes any of them builds new objects."""
-    return [(r, r.model, r.optimizer, r.loss, r.mixer, r.specs) for r in runs]
+    return [(r.model, r.optimizer, r.loss, r.mixer, r.specs) for r in runs]
 
 
-class _CapturedStep:
+class GraphRunner(Protocol):
+    """Captures a step once and replays it for batches of the same shape (:class:`CapturedStep` on CUDA; a
+    test injects one that runs the step eagerly)."""
+
+    def fits(self, x: _Batch, y: _Batch) -> bool: ...
+
+    def replay(self, x: Tensor, y: Tensor) -> Tensor: ...
+
+
+class CapturedStep:
     """A training step captured in a CUDA graph, with the static input batch it reads."""
 
     def __init__(self, step: Any, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -554,8 +518,3 @@ class _CapturedStep:
         self.y.copy_(y)
         self.graph.replay()
         return self.losses
-
-
-def full_precision(logits: torch.Tensor) -> torch.Tensor:
-    """Losses see float32 logits under bf16 autocast (and float64 when a test runs in float64)."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits

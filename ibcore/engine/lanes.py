@@ -1,0 +1,91 @@
+"""Samplers and the training batches they draw, grouped in lanes that step in lockstep.
+
+Runs of one seed whose sampler specs are equal draw the same batches. Such groups whose epochs are
+equally long (the same sampler at other seeds) form a lane: their batches come in lockstep, so the
+fused step can stack the runs of every seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ibcore.build import build
+from ibcore.config.schema import ComponentSpec, DataConfig
+from ibcore.engine.batches import DeviceData
+from ibcore.engine.distributed import Distributed, dump_indices, rank_indices
+from ibcore.engine.experiment_data import SeedData
+from ibcore.engine.runs import RunState, spec_key
+from ibcore.engine.seeding import derive_seed
+from ibcore.protocols import Batch, Sampler
+
+Lane = tuple[str, int]  # (sampler spec key, batches per epoch)
+Group = tuple[int, str]  # (seed, sampler spec key): runs that share every batch
+
+
+def iters_per_epoch(indices: int, batch_size: int, drop_last: bool) -> int:
+    return indices // batch_size if drop_last else math.ceil(indices / batch_size)
+
+
+class Lanes:
+    """Every sampler of the experiment (one per distinct seed and spec) and the batch streams they give."""
+
+    def __init__(
+        self, data_config: DataConfig, data: dict[int, SeedData], dist: Distributed, channels_last: bool
+    ) -> None:
+        self.config = data_config
+        self.data = data
+        self.dist = dist
+        self.channels_last = channels_last
+        self.local_batch = dist.local_batch(data_config.batch_size)  # this rank's share under data_parallel
+        self.samplers: dict[Group, Sampler] = {}
+
+    def sampler(self, run: RunState, spec: ComponentSpec) -> Sampler:
+        """The sampler built from ``spec`` for ``run``'s seed (shared by the runs that name it)."""
+        key = (run.seed, spec_key(spec))
+        if key not in self.samplers:
+            self.samplers[key] = build("sampler", spec.name, spec.params, context=run.context)
+        return self.samplers[key]
+
+    def iters(self, sampler: Sampler) -> int:
+        return iters_per_epoch(len(sampler), self.config.batch_size, self.config.drop_last)
+
+    def lane_of(self, run: RunState) -> Lane:
+        assert run.specs is not None
+        key = spec_key(run.specs.sampler)
+        return key, self.iters(self.samplers[(run.seed, key)])
+
+    def lanes(self, runs: Sequence[RunState]) -> dict[Lane, dict[Group, list[RunState]]]:
+        """The runs by lane, and within a lane by the group that shares every batch."""
+        lanes: dict[Lane, dict[Group, list[RunState]]] = defaultdict(lambda: defaultdict(list))
+        for run in runs:
+            assert run.specs is not None
+            lanes[self.lane_of(run)][(run.seed, spec_key(run.specs.sampler))].append(run)
+        return lanes
+
+    def images_per_epoch(self, runs: Sequence[RunState]) -> int:
+        return sum(len(self.samplers[k]) for k in {(r.seed, spec_key(r.specs.sampler)) for r in runs if r.specs})
+
+    def batches(self, epoch: int, group: Group, shard: tuple[int, int]) -> Iterator[Batch]:
+        """The training batches of ``epoch`` for the runs of ``group`` (under data_parallel: this rank's slice)."""
+        seed, key = group
+        rank, world = shard
+        drop_last = self.config.drop_last
+        order: Any = self.samplers[group].indices(epoch)
+        if world > 1:
+            order = rank_indices(order, rank, world, self.config.batch_size, drop_last)
+        dump_indices(self.dist.rank, epoch, key, order)
+        data = self.data[seed].train
+        on_device = isinstance(data, DeviceData)
+        generator = torch.Generator(device=data.device if isinstance(data, DeviceData) else "cpu")
+        # Device augmentation draws for the whole global batch on every rank (same seed); see augment_batch.
+        per_rank = ("rank", rank) if world > 1 and not on_device else ()
+        generator.manual_seed(derive_seed(seed, "augment", key, epoch, *per_rank))
+        for x, y in data.iterate(order, self.local_batch, generator, True, drop_last, shard):
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield Batch(x, y)
