@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ibcore
-from ibcore.engine.fused import _CapturedStep, _Group
+from ibcore.engine.steps.fused import CapturedStep, _Group
 
 
 def build_models(k: int, backbone: str, channels_last: bool, device: torch.device) -> list[torch.nn.Module]:
@@ -48,7 +48,7 @@ def make_group(k: int, backbone: str, channels_last: bool, device: torch.device,
     return group
 
 
-def capture(step: Callable[[], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> _CapturedStep:
+def capture(step: Callable[[], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> CapturedStep:
     """Warm the step up on a side stream, then capture it as the engine does (static x and y)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -56,7 +56,7 @@ def capture(step: Callable[[], torch.Tensor], x: torch.Tensor, y: torch.Tensor) 
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)
-    return _CapturedStep(lambda _x, _y: step(), x, y)
+    return CapturedStep(lambda _x, _y: step(), x, y)
 
 
 def timed(name: str, step: Callable[[], None], device: torch.device, steps: int, images: int) -> float | None:

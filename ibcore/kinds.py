@@ -72,9 +72,10 @@ class Kind:
         replace: bool = False,
     ) -> Callable[[T], T]:
         """Decorator: register a factory ``f(params, context)`` (or a class) as the component ``name`` of this kind."""
-        from ibcore.registry import decorator  # the registry imports this module
+        from ibcore.registry import NoParams, decorator  # the registry imports this module
 
-        return decorator(self.name)(name, params, description=description, citation=citation, replace=replace)
+        chosen = NoParams if params is None else params
+        return decorator(self.name)(name, chosen, description=description, citation=citation, replace=replace)
 
 
 _KINDS: dict[str, Kind] = {}

@@ -310,7 +310,9 @@ def test_each_epoch_the_ranks_take_disjoint_slices_of_the_samplers_stream(
         ]
         assert dumped[0].keys() == dumped[1].keys() and len(dumped[0]) == 2  # instance and class_balanced
         for key in dumped[0]:
-            stream = reference.sampler(reference.runs[0], ComponentSpec(**json.loads(key))).indices(epoch)
+            spec = ComponentSpec(**json.loads(key))
+            sampler = ibcore.build("sampler", spec.name, spec.params, context=reference.runs[0].context)
+            stream = sampler.indices(epoch)
             assert dumped[0][key].tolist() == stream[0::2].tolist()
             assert dumped[1][key].tolist() == stream[1::2].tolist()
             union = np.sort(np.concatenate([dumped[0][key], dumped[1][key]]))

@@ -13,10 +13,10 @@ import torch
 
 import ibcore
 import ibcore.cli
-import ibcore.engine.fused as fused_module
 from ibcore.config import load_experiment
 from ibcore.engine.checkpoint import load_checkpoint, load_latest, save_checkpoint
-from ibcore.engine.fused import _CapturedStep
+from ibcore.engine.steps.fused import CapturedStep
+from ibcore.engine.steps.standard import StandardStep
 from ibcore.engine.trainer import Trainer
 from ibcore.errors import CheckpointError, TrainingError
 
@@ -38,10 +38,31 @@ def tiny_config(**trainer: Any) -> dict[str, Any]:
     }
 
 
-def make_trainer(config: dict[str, Any], tmp_path: Path, name: str = "run") -> Trainer:
+def make_trainer(config: dict[str, Any], tmp_path: Path, name: str = "run", **options: Any) -> Trainer:
     run_dir = tmp_path / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(load_experiment(config), run_dir, quiet=True)
+    return Trainer(load_experiment(config), run_dir, quiet=True, **options)
+
+
+class RecordingStep(StandardStep):
+    """The standard step, recording what each run trains on and with (a step plugin: the public seam)."""
+
+    def __init__(self) -> None:
+        self.targets: dict[str, list[torch.Tensor]] = {}
+        self.class_weights: list[Any] = []
+
+    def __call__(self, runs: Any, batches: Any) -> dict[str, torch.Tensor]:
+        for run in runs:
+            self.targets.setdefault(run.name, []).append(batches[run.name].targets.clone())
+            self.class_weights.append(run.loss.class_weights)
+        return super().__call__(runs, batches)
+
+
+def with_recording_step(config: dict[str, Any]) -> tuple[dict[str, Any], RecordingStep]:
+    """``config`` whose runs all take the step ``recording`` (registered here; use inside registry_snapshot)."""
+    recorder = RecordingStep()
+    ibcore.register_step("recording")(lambda params, context: recorder)
+    return {**config, "defaults": {**config["defaults"], "step": {"name": "recording"}}}, recorder
 
 
 def state_of(trainer: Trainer, run: str) -> dict[str, torch.Tensor]:
@@ -100,7 +121,7 @@ def fused_vs_sequential(tmp_path: Path, epochs: int) -> tuple[Trainer, Trainer]:
     sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
     fused.fit()
     sequential.fit()
-    assert fused.fused is not None and sequential.fused is None
+    assert fused.fused_step is not None and sequential.fused_step is None
     assert json.loads((fused.run_dir / "meta.json").read_text())["fused_groups"] == [["ce", "focal", "mixup"]]
     return fused, sequential
 
@@ -133,16 +154,10 @@ def test_fused_training_in_float32_stays_close_to_the_reference(tmp_path: Path) 
 def test_runs_sharing_a_sampler_see_the_same_batches_and_others_get_their_own(tmp_path: Path) -> None:
     config = tiny_config(fused="off")
     config["runs"].append({"name": "balanced", "sampler": {"name": "class_balanced"}})
-    trainer = make_trainer(config, tmp_path)
-    seen: dict[str, list[torch.Tensor]] = {}
-    original = trainer.train_step
-
-    def spy(run: Any, x: torch.Tensor, y: torch.Tensor, *args: Any) -> None:
-        seen.setdefault(run.name, []).append(y.clone())
-        original(run, x, y, *args)
-
-    trainer.train_step = spy  # type: ignore[method-assign]
-    trainer.fit()
+    with ibcore.registry_snapshot():
+        config, recorder = with_recording_step(config)
+        make_trainer(config, tmp_path).fit()
+    seen = recorder.targets
     assert all(torch.equal(a, b) for a, b in zip(seen["ce"], seen["focal"], strict=True))
     balanced = torch.cat(seen["balanced"][: len(seen["balanced"]) // 2])
     natural = torch.cat(seen["ce"][: len(seen["ce"]) // 2])
@@ -165,18 +180,14 @@ def test_deferred_reweighting_stage_switches_class_weights_at_its_epoch(tmp_path
             ],
         }
     ]
-    trainer = make_trainer(config, tmp_path)
-    weights_by_epoch = []
-    original = trainer.train_epoch
-
-    def spy(epoch: int) -> None:
-        weights_by_epoch.append(trainer.runs[0].loss.class_weights)
-        original(epoch)
-
-    trainer.train_epoch = spy  # type: ignore[method-assign]
-    trainer.fit()
-    assert weights_by_epoch[0] is None and weights_by_epoch[1] is None
-    weights = torch.as_tensor(weights_by_epoch[2])
+    with ibcore.registry_snapshot():
+        config, recorder = with_recording_step(config)
+        trainer = make_trainer(config, tmp_path)
+        trainer.fit()
+    steps = len(recorder.class_weights) // 3  # three epochs of equal length
+    assert len(recorder.class_weights) == 3 * steps
+    assert all(weights is None for weights in recorder.class_weights[: 2 * steps])
+    weights = torch.as_tensor(recorder.class_weights[2 * steps])
     counts = torch.tensor(trainer.context.class_counts, dtype=torch.float64)
     expected = (1 - 0.999) / (1 - 0.999**counts)
     expected = expected / expected.sum() * len(counts)
@@ -212,20 +223,29 @@ def test_classifier_retraining_freezes_the_backbone_and_retrains_the_classifier(
 def test_crt_draws_its_new_classifier_from_the_seed_not_from_the_global_random_stream(tmp_path: Path) -> None:
     """Under torchrun each rank's global stream stands elsewhere than one process's: the re-initialised
     classifier must not depend on it, or two processes and one would train different models."""
-    config = tiny_config(epochs=3)
-    config["runs"] = [{"name": "crt", "stages": [{"from_epoch": 2, "retrain_classifier": True}]}]
+
+    class Seed(ibcore.Params):
+        seed: int
+
+    def stream_mover(params: Seed, context: ibcore.BuildContext) -> Any:
+        """Cross-entropy, built after moving the global stream: a stage builds it just before cRT's re-init."""
+        torch.manual_seed(params.seed)
+        return ibcore.build("loss", "cross_entropy", {}, context=context)
+
     states = []
-    for elsewhere in (1, 2):
-        trainer = make_trainer(config, tmp_path, f"stream{elsewhere}")
-        configure = trainer._configure_runs
-
-        def moved_stream(epoch: int, transition: bool, configure: Any = configure, seed: int = elsewhere) -> set[str]:
-            torch.manual_seed(seed)
-            return configure(epoch, transition)  # type: ignore[no-any-return]
-
-        trainer._configure_runs = moved_stream  # type: ignore[method-assign]
-        trainer.fit()
-        states.append(state_of(trainer, "crt"))
+    with ibcore.registry_snapshot():
+        ibcore.register_loss("stream_mover", Seed)(stream_mover)
+        for elsewhere in (1, 2):
+            config = tiny_config(epochs=3)
+            stage = {
+                "from_epoch": 2,
+                "retrain_classifier": True,
+                "loss": {"name": "stream_mover", "params": {"seed": elsewhere}},
+            }
+            config["runs"] = [{"name": "crt", "stages": [stage]}]
+            trainer = make_trainer(config, tmp_path, f"stream{elsewhere}")
+            trainer.fit()
+            states.append(state_of(trainer, "crt"))
     assert_same_state(*states)
 
 
@@ -276,21 +296,17 @@ def test_a_run_whose_loss_turns_nan_stops_and_the_others_finish(tmp_path: Path) 
     assert [m["epoch"] for m in train] == [1] and train[0]["failed"] == "non-finite loss at epoch 1, batch 4"
 
 
-def test_with_graphs_a_plugin_loss_that_does_not_opt_in_steps_kernel_by_kernel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_with_graphs_a_plugin_loss_that_does_not_opt_in_steps_kernel_by_kernel(tmp_path: Path) -> None:
     """The exploding loss counts its calls in Python: replayed from a graph it would never turn NaN."""
-    monkeypatch.setattr(fused_module, "_CapturedStep", ReplayByRunning)
     path = exploding_experiment(tmp_path, "nan_plugin_graphs", epochs=2, fused="on")
     with ibcore.registry_snapshot():
         (tmp_path / "run").mkdir()
-        trainer = Trainer(load_experiment(path), tmp_path / "run", quiet=True)
-        assert trainer.fused is not None
-        trainer.fused.graphs = True  # what CUDA turns on
+        trainer = Trainer(load_experiment(path), tmp_path / "run", quiet=True, graph_runner=ReplayByRunning)
+        assert trainer.fused_step is not None
         results = trainer.fit()
     log = (trainer.run_dir / "train.log").read_text()
     assert "CUDA graphs: run 'exploding' steps kernel by kernel: its loss does not declare cuda_graph_safe" in log
-    assert "CUDA graphs: the training step of ce, focal is captured" in log and trainer.fused.graph_replays > 0
+    assert "CUDA graphs: the training step of ce, focal is captured" in log and trainer.fused_step.graph_replays > 0
     status = {row["run"]: row["status"] for row in results.rows}
     assert status == {"ce": "ok", "focal": "ok", "exploding": "failed: non-finite loss at epoch 1, batch 4"}
 
@@ -508,14 +524,14 @@ def test_cuda_graph_replay_trains_like_kernel_by_kernel_steps(
     assert "2 runs stacked (ce, focal)" in log and "CUDA graphs:" in log
     assert "cannot be captured" not in log and "one after another" not in log, log
     assert "CUDA graphs: the training step of ce, focal, lone is captured" in log
-    assert graphed.fused is not None and graphed.fused.graph_replays > 3 * 5 and graphed.fused.groups_built == 3
+    fused = graphed.fused_step
+    assert fused is not None and fused.graph_replays > 3 * 5 and fused.groups_built == 3
 
-    monkeypatch.setattr(fused_module, "_CapturedStep", ReplayByRunning)
     ReplayByRunning.captured = 0
-    eager = make_trainer(config, tmp_path, "eager")
+    eager = make_trainer(config, tmp_path, "eager", graph_runner=ReplayByRunning)
     eager.fit()
-    assert eager.fused is not None and ReplayByRunning.captured == 3
-    assert eager.fused.graph_replays == graphed.fused.graph_replays
+    assert eager.fused_step is not None and ReplayByRunning.captured == 3
+    assert eager.fused_step.graph_replays == fused.graph_replays
 
     def train_losses(trainer: Trainer) -> dict[tuple[str, int], float]:
         lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -538,14 +554,14 @@ def test_a_fused_group_is_reused_across_epochs_until_a_stage_changes_a_run(tmp_p
     config = tiny_config(epochs=3, channels_last=False)
     plain = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "plain")
     plain.fit()
-    assert plain.fused is not None and plain.fused.groups_built == 1
+    assert plain.fused_step is not None and plain.fused_step.groups_built == 1
 
     config["runs"][1]["stages"] = [{"from_epoch": 2, "loss": {"name": "focal", "params": {"gamma": 2.0}}}]
     fused = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "staged")
     sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
     fused.fit()
     sequential.fit()
-    assert fused.fused is not None and fused.fused.groups_built == 2
+    assert fused.fused_step is not None and fused.fused_step.groups_built == 2
     for run in ("ce", "focal"):
         assert_same_state(state_of(fused, run), state_of(sequential, run), atol=1e-9)
 
@@ -560,7 +576,7 @@ class ReplayByRunning:
         type(self).captured += 1
         self.step, self.x, self.y = step, x.clone(memory_format=torch.preserve_format), y.clone()
 
-    fits = _CapturedStep.fits
+    fits = CapturedStep.fits
 
     def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)
@@ -588,7 +604,7 @@ def graph_path_config() -> dict[str, Any]:
 
 @pytest.mark.parametrize(("capture_fails", "seeds"), [(False, None), (True, None), (False, [0, 1])])
 def test_the_graph_path_trains_like_the_sequential_reference(
-    tmp_path: Path, float64: None, monkeypatch: pytest.MonkeyPatch, capture_fails: bool, seeds: list[int] | None
+    tmp_path: Path, float64: None, capture_fails: bool, seeds: list[int] | None
 ) -> None:
     """The CUDA-graph control flow on the CPU: warm-up step, capture, replays with fresh learning rates, the
     last smaller batch kernel by kernel, re-capture after a stage; or, when capture fails, eager steps. With
@@ -598,26 +614,27 @@ def test_the_graph_path_trains_like_the_sequential_reference(
         def __init__(self, *args: Any) -> None:
             raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(fused_module, "_CapturedStep", FailingCapture if capture_fails else ReplayByRunning)
     ReplayByRunning.captured = 0
     config = graph_path_config()
     if seeds:
         config["seeds"] = seeds
-    graphed = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "graphed")
+    runner = FailingCapture if capture_fails else ReplayByRunning
+    on = {**config, "trainer": {**config["trainer"], "fused": "on"}}
+    graphed = make_trainer(on, tmp_path, "graphed", graph_runner=runner)
     sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "seq")
-    assert graphed.fused is not None
-    graphed.fused.graphs = True  # what CUDA turns on
+    fused = graphed.fused_step
+    assert fused is not None and fused.graphs
     graphed.fit()
     sequential.fit()
     log = (graphed.run_dir / "train.log").read_text()
     if capture_fails:
-        assert graphed.fused.graph_replays == 0
+        assert fused.graph_replays == 0
         assert "CUDA graphs: the step of ce, focal cannot be captured; it runs kernel by kernel" in log
     else:
         # (ce, focal) and the lone run in epoch 0, kept through epoch 1; the stage at epoch 2 rebuilds (ce, focal)
         # with seeds the two mixup repeats also stack (eager: a mixer draws per step), a fourth group
-        assert ReplayByRunning.captured == 3 and graphed.fused.groups_built == (4 if seeds else 3)
-        assert graphed.fused.graph_replays > 3 * 5
+        assert ReplayByRunning.captured == 3 and fused.groups_built == (4 if seeds else 3)
+        assert fused.graph_replays > 3 * 5
         assert "cannot be captured" not in log
     if not capture_fails and not seeds:
         assert "CUDA graphs: the training step of ce, focal, lone is captured" in log

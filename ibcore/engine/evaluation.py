@@ -8,15 +8,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch import nn
 
 from ibcore.build import build
 from ibcore.config.schema import Experiment
 from ibcore.engine.batches import DeviceData, LoaderData
 from ibcore.engine.distributed import Distributed, eval_counts, eval_indices
+from ibcore.engine.experiment_data import SeedData
+from ibcore.engine.progress import ProgressDisplay
+from ibcore.engine.records import Records
 from ibcore.engine.runs import RunState
 from ibcore.protocols import Adjustment, Evaluator
-from ibcore.report.labels import evaluator_labels, headline_key
+from ibcore.report.labels import display_label, evaluator_labels, headline_key
 from ibcore.report.tables import lower_is_better
 
 Variants = dict[str, tuple[Adjustment | None, list[Evaluator]]]
@@ -59,6 +63,40 @@ class Evaluation:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return key, float(value)
         return None, None
+
+    def measure_runs(
+        self, runs: list[RunState], data: dict[int, SeedData]
+    ) -> dict[str, list[tuple[str, str, dict[str, Any]]]]:
+        """Per run: ``(split, variant, metrics)`` on its seed's test split, and validation split if any."""
+        results = {}
+        for run in runs:
+            splits = data[run.seed]
+            results[run.name] = [("test", v, m) for v, m in self.measure(run, splits.test).items()]
+            if splits.val is not None:
+                results[run.name] += [("val", v, m) for v, m in self.measure(run, splits.val).items()]
+        return results
+
+    def record(
+        self,
+        runs: list[RunState],
+        results: dict[str, list[tuple[str, str, dict[str, Any]]]],
+        completed: int,
+        records: Records,
+        display: ProgressDisplay,
+    ) -> None:
+        """Append the evaluation of ``runs`` after ``completed`` epochs to the records; log the headline metric."""
+        summary, keys = [], set()
+        for run in runs:
+            for split, variant, metrics in results[run.name]:
+                score = self.headline_of(metrics)[1] if split == "val" else None
+                records.evaluation(split, variant, completed, metrics, score)
+            key, headline = self.headline_of(records.last("test", run.name, completed))
+            if key is not None and headline is not None:
+                summary.append(f"{run.name}={headline:.2f}")
+                keys.add(key)
+        if summary:
+            what = display_label(keys.pop(), self.labels) if len(keys) == 1 else "headline metric"
+            display.log(f"epoch {completed}: test {escape(what)} " + " ".join(summary))
 
     @torch.no_grad()
     def measure(self, run: RunState, data: DeviceData | LoaderData) -> dict[str, dict[str, Any]]:

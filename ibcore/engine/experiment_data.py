@@ -193,3 +193,15 @@ def check_same_data(saved: Any, now: dict[str, Any], run_dir: str | os.PathLike[
         "(they must name the data the run started with) and that its files were not changed or moved; to "
         "train on the data as it is now, start a new run with `ib run`."
     )
+
+
+def fingerprints(data: dict[int, SeedData]) -> dict[str, Any]:
+    """Per seed, the :func:`fingerprint` of its data (what meta.json keeps)."""
+    return {str(seed): fingerprint(seed_data) for seed, seed_data in data.items()}
+
+
+def check_same_seed_data(saved: Any, now: dict[str, Any], run_dir: str | os.PathLike[str]) -> None:
+    """:func:`check_same_data` for every seed of :func:`fingerprints` (``saved`` None: an older run, accepted)."""
+    if isinstance(saved, dict):
+        for seed, fingerprint_now in now.items():
+            check_same_data(saved.get(seed), fingerprint_now, run_dir)

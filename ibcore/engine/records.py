@@ -51,6 +51,36 @@ class Records:
         if self.dist.is_main:
             append_text(self.run_dir / "metrics.jsonl", json.dumps(line, default=_json_default) + "\n")
 
+    def train_epoch(
+        self, completed: int, active: Sequence[RunState], own: set[str], seconds: float
+    ) -> tuple[float, list[str]]:
+        """One training line per active run after ``completed`` epochs; a run whose loss turned non-finite is
+        marked failed. Returns the slowest rank's seconds and ``name=loss`` texts for the log."""
+        local = {}
+        for run in active:
+            if run.name in own:
+                mean, bad = run.end_epoch()
+                local[run.name] = (mean, bad, run.optimizer.param_groups[0]["lr"] if run.optimizer else None)
+        # Every rank learns every run's epoch: the mean over ranks of the losses (equal slices under
+        # data_parallel), the first non-finite step on any rank, and the slowest rank's time.
+        gathered = self.dist.all_gather_object((local, seconds))
+        seconds = max(part[1] for part in gathered)
+        losses = []
+        for run in active:
+            parts = [part[0][run.name] for part in gathered if run.name in part[0]]
+            mean = sum(p[0] for p in parts) / len(parts)
+            bad = min([p[1] for p in parts if p[1] >= 0], default=-1)
+            # epochs completed: every epoch number a user reads counts them
+            line = {"split": "train", "run": run.name, "epoch": completed, "train_loss": mean, "lr": parts[0][2]}
+            line["seconds"] = seconds
+            if bad >= 0:  # the epoch and the batch as ordinals: the 1st epoch, its 4th batch
+                run.failed = f"non-finite loss at epoch {completed}, batch {bad + 1}"
+                line["failed"] = run.failed
+                self.display.log(f"[red]run {run.name!r} stopped: {escape(run.failed)}[/red]; the other runs go on")
+            self.append(line)
+            losses.append(f"{run.name}={mean:.4f}")
+        return seconds, losses
+
     def last(self, split: str, run: str, epoch: int) -> dict[str, Any]:
         for line in reversed(self.history):
             if line.get("split") == split and line.get("run") == run and line.get("epoch") == epoch:

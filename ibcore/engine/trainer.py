@@ -1,19 +1,13 @@
 """The trainer: every run of an experiment trained together, over shared batches where samplers agree.
 
-It only loops. Setup (:mod:`~ibcore.engine.setup`), batches (:mod:`~ibcore.engine.lanes`), the training
-step (:mod:`~ibcore.engine.steps`), evaluation (:mod:`~ibcore.engine.evaluation`) and records
-(:mod:`~ibcore.engine.records`: metrics, checkpoints, results) live in their own modules.
-
-Randomness is a pure function of (seed, epoch, names): samplers, augmentation and mixers get
-generators derived from them, and the global torch RNG is re-seeded at every epoch. Checkpoints are
-taken at epoch boundaries, so a resumed experiment reaches the same numbers as an uninterrupted one.
-Under ``torchrun`` the same loop runs in every process; :mod:`ibcore.engine.distributed` says how the
-work is split (one slice of every batch per rank, or one group of runs per rank).
+It only loops; setup, batches (lanes), the training step (steps/), evaluation and records (metrics,
+checkpoints, results) live in their own modules. Randomness is a pure function of (seed, epoch, names)
+and the global torch RNG is re-seeded every epoch, so a resumed experiment reaches the same numbers as an
+uninterrupted one. Under ``torchrun`` the same loop runs in every process (:mod:`ibcore.engine.distributed`).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import platform
 import time
@@ -22,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.markup import escape
 
 from ibcore.config.schema import Experiment
 from ibcore.context import BuildContext
@@ -30,12 +23,12 @@ from ibcore.engine.batches import DeviceData
 from ibcore.engine.ddp import DataParallelModels
 from ibcore.engine.distributed import Distributed
 from ibcore.engine.evaluation import Evaluation
-from ibcore.engine.experiment_data import check_same_data, fingerprint, load_data
+from ibcore.engine.experiment_data import check_same_seed_data, fingerprints, load_data
 from ibcore.engine.lanes import Lanes
 from ibcore.engine.progress import ProgressDisplay
 from ibcore.engine.records import Records
 from ibcore.engine.repeats import all_seeds, expand_runs
-from ibcore.engine.runs import RunState, effective_specs, spec_key
+from ibcore.engine.runs import RunState, effective_specs
 from ibcore.engine.seeding import derive_seed
 from ibcore.engine.setup import SilentDisplay, config_source, preflight, prepare_ranks, resolve_device, smoke_epochs
 from ibcore.engine.steps.fused import FusedStep, GraphRunner
@@ -43,7 +36,6 @@ from ibcore.engine.views import RunView
 from ibcore.errors import TrainingError
 from ibcore.protocols import Batch
 from ibcore.report import METRICS_FORMAT
-from ibcore.report.labels import display_label
 from ibcore.report.results import Results
 
 
@@ -107,6 +99,7 @@ class Trainer:
             if settings.compile:
                 run.model.compile()  # in place: state_dict keys, checkpoints and hooks stay as they are
         self.lanes = Lanes(experiment.data, self.data, self.dist, settings.channels_last)
+        self.data_fingerprint = fingerprints(self.data)  # kept in meta.json, compared by `ib resume`
         self.start_epoch = 0
         # The runs this process trains: all of them, except under runs_parallel (runs[rank::world]).
         owned = self.runs[self.dist.rank :: self.dist.world_size] if self.dist.splits_runs else self.runs
@@ -114,31 +107,9 @@ class Trainer:
         self.ddp = DataParallelModels(self.dist, self.device)
         if self.dist.enabled:
             prepare_ranks(self.dist, self.runs, self.display, self.device, experiment.data.batch_size)
-        self.fused_step = self._fused_step(graph_runner)
-
-    def _fused_step(self, graph_runner: Callable[..., GraphRunner] | None) -> FusedStep | None:
-        settings, cuda = self.experiment.trainer, self.device.type == "cuda"
-        if self.dist.splits_batches:
-            self.display.log(
-                "fused path: off under data_parallel (DDP synchronises the gradients of each run's own model, "
-                "not those of a stacked copy); runs train one after another"
-            )
-            return None
-        if settings.fused == "off":
-            self.display.log('fused path: off (trainer.fused: "off"); runs train one after another')
-            return None
-        if settings.fused == "auto" and not cuda:
-            # Measured on 2 CPU cores (benchmarks/throughput.py): vmap's grouped convolutions and decomposed
-            # BatchNorm are slower there than the runs one after another; kernel launches dominate only on a GPU.
-            self.display.log('fused path: off on the CPU (trainer.fused: auto); set trainer.fused: "on" to force it')
-            return None
-        # torch.compile has its own graphs (mode="reduce-overhead"); the two are not combined.
-        graphs = settings.cuda_graphs == "auto" and (cuda or graph_runner is not None) and not settings.compile
-        if settings.cuda_graphs == "auto" and cuda and settings.compile:
-            self.display.log("CUDA graphs: off while trainer.compile is on (torch.compile brings its own)")
-        return FusedStep(
-            log=self.display.log, device_type=self.device.type, bf16=self.bf16, graphs=graphs,
-            compile=settings.compile, forced=settings.fused == "on", graph_runner=graph_runner,
+        self.fused_step = FusedStep.plan(
+            settings, self.device, self.display.log, bf16=self.bf16, data_parallel=self.dist.splits_batches,
+            graph_runner=graph_runner,
         )  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -219,19 +190,14 @@ class Trainer:
         torch.manual_seed(derive_seed(self.seed, "epoch", epoch, *(("rank", rank) if world > 1 else ())))
         views = {run.name: self._view(run, epoch) for run in runs}
         if self.fused_step is not None:
-            self.fused_step.regroup([views[run.name] for run in runs if getattr(run.step, "fusable", False)])
-            for run in runs:
-                if not getattr(run.step, "fusable", False):
-                    assert run.specs is not None
-                    self.fused_step.log_once(
-                        f"fused path: run {run.name!r} trains on its own (its step {run.specs.step.name!r} is not "
-                        "the standard step)"
-                    )
+            self.fused_step.regroup([views[run.name] for run in runs], {run.name for run in runs if _fusable(run)})
         for (_, iters), groups in lanes.items():
             members = [run for group in groups.values() for run in group]
             streams = [self.lanes.batches(epoch, group, (rank, world)) for group in groups]
             for step, lane_batches in enumerate(itertools.islice(zip(*streams, strict=True), self.smoke)):
-                batches = {run.name: batch for group, batch in zip(groups.values(), lane_batches, strict=True) for run in group}
+                batches = {
+                    run.name: batch for group, batch in zip(groups.values(), lane_batches, strict=True) for run in group
+                }
                 self._step(members, views, batches, epoch, step, iters)
                 self.display.advance(sum(len(batch.targets) for batch in lane_batches) * world)
         if self.fused_step is not None:
@@ -239,14 +205,8 @@ class Trainer:
 
     def _view(self, run: RunState, epoch: int) -> RunView:
         """What the run's step sees this epoch; the run in train mode (evaluation left it in eval mode)."""
-        assert run.loss is not None and run.optimizer is not None and run.specs is not None
         run.train_mode()
-        mixing = run.mixer is not None and run.mixer.active(epoch)
-        return RunView(
-            run.name, run.model, run.loss, run.optimizer, run.mixer, mixing, run.mixer_generator(epoch), run.context,
-            run.specs, spec_key(run.config.backbone), self.lanes.lane_of(run), self.bf16, self.device.type,
-            self.ddp.forward_of(run),
-        )  # fmt: skip
+        return RunView.of(run, epoch, self.lanes.lane_of(run), self.bf16, self.device.type, self.ddp.forward_of(run))
 
     def _step(
         self,
@@ -260,7 +220,7 @@ class Trainer:
         """One step of ``runs``: the fused step takes the standard-step runs it can stack, each other run its own."""
         for run in runs:
             run.set_lr(epoch, step, iters)
-        fusable = [views[run.name] for run in runs if getattr(run.step, "fusable", False)]
+        fusable = [views[run.name] for run in runs if _fusable(run)]
         losses = self.fused_step(fusable, batches) if self.fused_step is not None and fusable else {}
         for run in runs:
             if run.name not in losses:
@@ -283,70 +243,25 @@ class Trainer:
             ) from exc
 
     def _end_epoch(self, epoch: int, seconds: float) -> None:
-        local = {}
-        for run in self.own_active_runs():
-            mean, bad = run.end_epoch()
-            local[run.name] = (mean, bad, run.optimizer.param_groups[0]["lr"] if run.optimizer else None)
-        # Every rank learns every run's epoch: the mean over ranks of the losses (equal slices under
-        # data_parallel), the first non-finite step on any rank, and the slowest rank's time.
-        gathered = self.dist.all_gather_object((local, seconds))
-        seconds = max(part[1] for part in gathered)
-        losses = []
-        for run in self.active_runs():
-            parts = [part[0][run.name] for part in gathered if run.name in part[0]]
-            mean = sum(p[0] for p in parts) / len(parts)
-            bad = min([p[1] for p in parts if p[1] >= 0], default=-1)
-            # epochs completed: every epoch number a user reads counts them
-            line = {"split": "train", "run": run.name, "epoch": epoch + 1, "train_loss": mean, "lr": parts[0][2]}
-            line["seconds"] = seconds
-            if bad >= 0:  # the epoch and the batch as ordinals: the 1st epoch, its 4th batch
-                run.failed = f"non-finite loss at epoch {epoch + 1}, batch {bad + 1}"
-                line["failed"] = run.failed
-                self.display.log(f"[red]run {run.name!r} stopped: {escape(run.failed)}[/red]; the other runs go on")
-            self.records.append(line)
-            losses.append(f"{run.name}={mean:.4f}")
+        seconds, losses = self.records.train_epoch(epoch + 1, self.active_runs(), self.own, seconds)
         images = self.lanes.images_per_epoch(self.runs)
         speed = f"{seconds:.1f}s, {images / max(seconds, 1e-9):.0f} img/s; loss "
         self.display.end_epoch(epoch, self.epochs, seconds, speed + " ".join(losses))
 
     def evaluate(self, epoch: int) -> None:
         """Measure every active run after the 0-based ``epoch``; its lines say ``epoch + 1`` (epochs completed)."""
-        completed = epoch + 1
-        results: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}  # run -> (split, variant, metrics)
-        for run in self.active_runs():
-            if run.name in self.own:  # runs_parallel: its owner evaluates it
-                data = self.data[run.seed]
-                results[run.name] = [("test", v, m) for v, m in self.evaluation.measure(run, data.test).items()]
-                if data.val is not None:
-                    results[run.name] += [("val", v, m) for v, m in self.evaluation.measure(run, data.val).items()]
+        mine = [run for run in self.active_runs() if run.name in self.own]  # runs_parallel: its owner measures it
+        results = self.evaluation.measure_runs(mine, self.data)
         if self.dist.splits_runs:
             for part in self.dist.all_gather_object(results):
                 results.update(part)
-        summary, keys = [], set()
-        for run in self.active_runs():
-            for split, variant, metrics in results[run.name]:
-                score = self.evaluation.headline_of(metrics)[1] if split == "val" else None
-                self.records.evaluation(split, variant, completed, metrics, score)
-            key, headline = self.evaluation.headline_of(self.records.last("test", run.name, completed))
-            if key is not None and headline is not None:
-                summary.append(f"{run.name}={headline:.2f}")
-                keys.add(key)
-        if summary:
-            what = display_label(keys.pop(), self.evaluation.labels) if len(keys) == 1 else "headline metric"
-            self.display.log(f"epoch {completed}: test {escape(what)} " + " ".join(summary))
+        self.evaluation.record(self.active_runs(), results, epoch + 1, self.records, self.display)
 
     # -- records -----------------------------------------------------------------------------------
 
-    @functools.cached_property
-    def data_fingerprint(self) -> dict[str, Any]:
-        """Per seed, a cheap fingerprint of the data (counts, label hashes, sampled image bytes), kept in meta.json."""
-        return {str(seed): fingerprint(data) for seed, data in self.data.items()}
-
     def check_same_data(self, saved: Any) -> None:
         """On resume: the data found now must be the data the run started with (meta.json's fingerprint)."""
-        if isinstance(saved, dict):  # a run of an older ibcore recorded none
-            for seed, now in self.data_fingerprint.items():
-                check_same_data(saved.get(seed), now, self.run_dir)
+        check_same_seed_data(saved, self.data_fingerprint, self.run_dir)
 
     def _write_meta(self) -> None:
         cuda = self.device.type == "cuda"
@@ -385,3 +300,8 @@ class Trainer:
     @property
     def history(self) -> list[dict[str, Any]]:
         return self.records.history
+
+
+def _fusable(run: RunState) -> bool:
+    """Whether the run's step declares itself the standard step's arithmetic (the fused step may stack it)."""
+    return bool(getattr(run.step, "fusable", False))

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ibcore.context import BuildContext
 from ibcore.engine.mixing import draw_plan
-from ibcore.engine.runs import EffectiveSpecs
+from ibcore.engine.runs import EffectiveSpecs, RunState, spec_key
 from ibcore.protocols import Loss, Mixer, MixPlan
 
 Forward = Callable[[Tensor, int, Callable[[Tensor], Tensor] | None], Tensor]
@@ -40,6 +40,18 @@ class RunView:
     bf16: bool
     device_type: str
     _forward: Forward
+
+    @classmethod
+    def of(
+        cls, run: RunState, epoch: int, lane: tuple[str, int], bf16: bool, device_type: str, forward: Forward
+    ) -> RunView:
+        """The view of ``run`` (configured for ``epoch``) in ``epoch``."""
+        assert run.loss is not None and run.optimizer is not None and run.specs is not None
+        mixing = run.mixer is not None and run.mixer.active(epoch)
+        return cls(
+            run.name, run.model, run.loss, run.optimizer, run.mixer, mixing, run.mixer_generator(epoch), run.context,
+            run.specs, spec_key(run.config.backbone), lane, bf16, device_type, forward,
+        )  # fmt: skip
 
     def forward(self, x: Tensor, layer: int = 0, mix: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         return self._forward(x, layer, mix)

@@ -33,6 +33,7 @@ from rich.markup import escape
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
+from ibcore.config.schema import TrainerConfig
 from ibcore.engine.mixing import full_precision, loss_of
 from ibcore.engine.stacked_norm import stack_batchnorm
 from ibcore.engine.views import RunView
@@ -107,7 +108,7 @@ class _Group:
         self.lrs = torch.zeros(len(self.names), len(runs), device=device)
         self.graph: GraphRunner | None = None
         self.capture_failed = False  # capture failed once: this group steps kernel by kernel
-        self.eager_only = False  # set each epoch: a run of the group cannot replay a graph (see sync_from_runs)
+        self.eager_only = False  # set each epoch: a run of the group cannot replay a graph (see FusedStep.regroup)
         self.warm = False  # one eager step on a side stream has run (required before a capture)
         self._call = vmap(self._forward, in_dims=(0, 0, None), randomness="different")
         self._call_each = vmap(self._forward, in_dims=(0, 0, 0), randomness="different")
@@ -214,6 +215,42 @@ class FusedStep:
         self.groups_built = 0  # stacked groups built (a group is reused while its runs do not change)
         self._logged: set[str] = set()
 
+    @classmethod
+    def plan(
+        cls,
+        settings: TrainerConfig,
+        device: torch.device,
+        log: Callable[[str], None],
+        *,
+        bf16: bool,
+        data_parallel: bool,
+        graph_runner: Callable[..., GraphRunner] | None = None,
+    ) -> FusedStep | None:
+        """The fused step the trainer settings ask for on ``device``, or None (the log says why)."""
+        cuda = device.type == "cuda"
+        if data_parallel:
+            log(
+                "fused path: off under data_parallel (DDP synchronises the gradients of each run's own model, "
+                "not those of a stacked copy); runs train one after another"
+            )
+            return None
+        if settings.fused == "off":
+            log('fused path: off (trainer.fused: "off"); runs train one after another')
+            return None
+        if settings.fused == "auto" and not cuda:
+            # Measured on 2 CPU cores (benchmarks/throughput.py): vmap's grouped convolutions and decomposed
+            # BatchNorm are slower there than the runs one after another; kernel launches dominate only on a GPU.
+            log('fused path: off on the CPU (trainer.fused: auto); set trainer.fused: "on" to force it')
+            return None
+        # torch.compile has its own graphs (mode="reduce-overhead"); the two are not combined.
+        graphs = settings.cuda_graphs == "auto" and (cuda or graph_runner is not None) and not settings.compile
+        if settings.cuda_graphs == "auto" and cuda and settings.compile:
+            log("CUDA graphs: off while trainer.compile is on (torch.compile brings its own)")
+        return cls(
+            log=log, device_type=device.type, bf16=bf16, graphs=graphs, compile=settings.compile,
+            forced=settings.fused == "on", graph_runner=graph_runner,
+        )  # fmt: skip
+
     def describe(self) -> list[list[str]]:
         return self.fused_sets
 
@@ -222,14 +259,20 @@ class FusedStep:
             self._logged.add(message)
             self.log(message)
 
-    def regroup(self, runs: Sequence[RunView]) -> None:
-        """Stack the runs that can share a step this epoch: same backbone spec and same sampler lane.
+    def regroup(self, views: Sequence[RunView], standard: set[str]) -> None:
+        """Stack the runs that can share a step this epoch: same backbone spec and same sampler lane. Only runs
+        named in ``standard`` (whose step is the standard step) are candidates; the others train on their own.
 
         With CUDA graphs, a run that has no partner still gets a group of its own (K = 1) when it mixes
         nothing this epoch: its whole step is then replayed from a graph instead of launched kernel by kernel.
         """
         self.groups = []
         candidates: dict[tuple[str, tuple[str, int], bool], list[RunView]] = defaultdict(list)
+        for view in views:
+            if view.name not in standard:
+                step = view.specs.step.name
+                self.log_once(f"fused path: run {view.name!r} trains on its own (its step {step!r} is not 'standard')")
+        runs = [view for view in views if view.name in standard]
         for run in runs:
             blocker = fusion_blocker(run)
             if blocker is not None:
