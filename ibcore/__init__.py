@@ -24,7 +24,7 @@ from ibcore.errors import (
     TrainingError,
 )
 from ibcore.kinds import Kind, declare_kind
-from ibcore.protocols import AugmentSpec, Batch, MixPlan, StepRun, TrainingStep
+from ibcore.protocols import Augmentation, AugmentSpec, Batch, MixPlan, StepRun, TrainingStep
 from ibcore.registry import (
     KINDS,
     ComponentInfo,
@@ -35,6 +35,7 @@ from ibcore.registry import (
     list_components,
     register,
     register_adjustment,
+    register_augmentation,
     register_backbone,
     register_dataset,
     register_evaluator,
@@ -74,6 +75,7 @@ def run(experiment: Any, **kwargs: Any) -> Any:
 __all__ = [
     "KINDS",
     "AugmentSpec",
+    "Augmentation",
     "Batch",
     "BuildContext",
     "BuildError",
@@ -103,6 +105,7 @@ __all__ = [
     "load_experiment",
     "register",
     "register_adjustment",
+    "register_augmentation",
     "register_backbone",
     "register_dataset",
     "register_evaluator",

@@ -180,6 +180,23 @@ class Mixer(Protocol):
 
 
 @runtime_checkable
+class Augmentation(Protocol):
+    """A per-sample augmentation policy, applied on the device to a training batch after the dataset's own
+    augmentation (its crop and flip).
+
+    ``draw`` makes every random choice for ``n`` samples from ``generator`` (CPU tensors whose first dimension
+    is the sample); ``apply`` applies them to uint8 images (N, C, H, W) on any device and returns uint8 images.
+    Optional: ``normalised = True`` (``apply`` takes the normalised float batch instead: Cutout's original
+    placement, where a cut filled with 0 is the mean colour); ``parts`` (a sequence of policies applied in
+    order: ``compose``); ``identity = True`` (the dataset's own augmentation only: ``standard``).
+    """
+
+    def draw(self, n: int, generator: torch.Generator) -> Mapping[str, Tensor]: ...
+
+    def apply(self, images: Tensor, draws: Mapping[str, Tensor]) -> Tensor: ...
+
+
+@runtime_checkable
 class Adjustment(Protocol):
     """A post-hoc change of a trained model's logits at evaluation (tau-norm, logit adjustment)."""
 
@@ -189,7 +206,8 @@ class Adjustment(Protocol):
 class StepRun(Protocol):
     """What a training step sees of one run: a narrow view, rebuilt every epoch by the engine.
 
-    ``loss``, ``optimizer`` and ``model`` are the run's current ones (a stage may have replaced them);
+    ``loss``, ``optimizer`` and ``model`` are the run's current ones (a stage may have replaced them; a new
+    optimizer object means a stage started);
     the learning rate of this step is already set. ``forward`` goes through the run's DDP wrapper under
     ``data_parallel`` (gradients are averaged over ranks); ``mix_plan`` draws the run's mixer plan for a
     batch from its seeded stream (None when the run does not mix in this epoch).
@@ -201,6 +219,7 @@ class StepRun(Protocol):
     optimizer: torch.optim.Optimizer
     mixer: Mixer | None
     context: BuildContext
+    epoch: int  # the epoch being trained, counted from 0
 
     def forward(self, x: Tensor, layer: int = 0, mix: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """Logits; with ``layer > 0``, ``mix`` is applied to the activations entering block ``layer``."""
@@ -215,10 +234,15 @@ class StepRun(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """One training batch: inputs (N, C, H, W) and int64 targets (N,), augmented, on the device."""
+    """One training batch: inputs (N, C, H, W) and int64 targets (N,), augmented, on the device.
+
+    ``views`` holds the run's extra views of the same samples (its ``views:`` policies, e.g. the second view of
+    a contrastive method), each (N, C, H, W), in the order the config lists them.
+    """
 
     inputs: Tensor
     targets: Tensor
+    views: tuple[Tensor, ...] = ()
 
 
 @runtime_checkable

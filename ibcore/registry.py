@@ -560,6 +560,7 @@ register_evaluator = decorator("evaluator")
 register_mixer = decorator("mixer")
 register_adjustment = decorator("adjustment")
 register_step = decorator("step")
+register_augmentation = decorator("augmentation")
 
 
 # --------------------------------------------------------------------------------------------

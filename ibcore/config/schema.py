@@ -91,6 +91,12 @@ class StepSpec(ComponentSpec):
     component_kind = "step"
 
 
+class AugmentationSpec(ComponentSpec):
+    """A registered augmentation policy, applied after the dataset's own crop and flip."""
+
+    component_kind = "augmentation"
+
+
 class MixerSpec(ComponentSpec):
     """A registered mixer."""
 
@@ -290,6 +296,7 @@ class RunDefaults(_Strict):
     sampler: SamplerSpec | None = None
     mixer: MixerSpec | None = None
     step: StepSpec | None = None
+    augmentation: AugmentationSpec | None = None
 
 
 class RunConfig(_Strict):
@@ -300,6 +307,15 @@ class RunConfig(_Strict):
     sampler: SamplerSpec | None = None
     mixer: MixerSpec | None = None
     step: StepSpec | None = Field(None, description="What one optimisation step does; default 'standard'.")
+    augmentation: AugmentationSpec | None = Field(
+        None, description="Augmentation policy after the dataset's own crop and flip; default 'standard' (none more)."
+    )
+    views: list[AugmentationSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Extra augmented views of each training sample (contrastive methods), one policy each; a step "
+        "reads them as batch.views.",
+    )
     stages: list[StageConfig] = Field(default_factory=list)
     posthoc: list[AdjustmentSpec] = Field(
         default_factory=list, description="Post-hoc adjustments; the run is also evaluated with each applied."

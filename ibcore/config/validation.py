@@ -23,7 +23,7 @@ from ibcore.config.walk import component_specs
 from ibcore.errors import ConfigError, ConfigIssue, RegistryError
 from ibcore.registry import describe_plugin_exception, resolve
 
-_RUN_COMPONENTS = ("backbone", "loss", "optimizer", "sampler", "mixer", "step")
+_RUN_COMPONENTS = ("backbone", "loss", "optimizer", "sampler", "mixer", "step", "augmentation")
 _REQUIRED = ("backbone", "loss", "optimizer")
 
 
@@ -279,7 +279,7 @@ def _cross_field_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                 issues.append(
                     ConfigIssue(
                         f"runs[{i}].stages[{j}]",
-                        "the stage changes nothing; set loss, sampler, mixer, optimizer, retrain_classifier, "
+                        "the stage changes nothing; set loss, sampler, mixer, optimizer, step, retrain_classifier, "
                         "scale_classifier or train_classifier",
                     )
                 )

@@ -35,7 +35,24 @@ def augment_batch(
     train: bool,
     shard: tuple[int, int] = (0, 1),
 ) -> Tensor:
-    """uint8 (N, C, H, W) → float, with a per-sample random crop and flip when ``train``.
+    """uint8 (N, C, H, W) → float, with a per-sample random crop and flip when ``train``, normalised."""
+    return normalise(crop_and_flip(images, spec, generator, train, shard), spec)
+
+
+def normalise(x: Tensor, spec: AugmentSpec) -> Tensor:
+    """Pixel values 0..255 (float) → ``(x / 255 - mean) / std`` per channel."""
+    mean, std = _normalisation(spec, x.device, x.dtype)
+    return (x / 255.0 - mean) / std
+
+
+def crop_and_flip(
+    images: Tensor,
+    spec: AugmentSpec,
+    generator: torch.Generator | None,
+    train: bool,
+    shard: tuple[int, int] = (0, 1),
+) -> Tensor:
+    """uint8 (N, C, H, W) → float pixel values (0..255), with a per-sample random crop and flip when ``train``.
 
     Each sample draws its own crop offset and flip (torchvision.transforms.v2 on a batch would draw
     one crop for the whole batch). With ``shard=(rank, world)`` the batch is rank ``rank``'s slice
@@ -64,8 +81,7 @@ def augment_batch(
     if train and spec.flip:
         flip = pick(torch.rand(draws, generator=generator, device=images.device)) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    mean, std = _normalisation(spec, x.device, x.dtype)
-    return (x / 255.0 - mean) / std
+    return x
 
 
 class DeviceData:
@@ -96,12 +112,25 @@ class DeviceData:
         shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches of ``order``; ``shard=(rank, world)``: ``order`` is one rank's slice (see :func:`augment_batch`)."""
+        for x, y in self.iterate_pixels(order, batch_size, generator, train, drop_last, shard):
+            yield normalise(x, self.augment), y
+
+    def iterate_pixels(
+        self,
+        order: np.ndarray,
+        batch_size: int,
+        generator: torch.Generator | None,
+        train: bool,
+        drop_last: bool,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """As :meth:`iterate`, before normalisation: float pixel values 0..255, cropped and flipped."""
         index = torch.as_tensor(order, dtype=torch.long, device=self.device)
         for start in range(0, len(index), batch_size):
             chunk = index[start : start + batch_size]
             if drop_last and len(chunk) < batch_size:
                 return
-            yield self.batch(chunk, generator, train, shard)
+            yield crop_and_flip(self.images[chunk], self.augment, generator, train, shard), self.labels[chunk]
 
 
 class LoaderData:

@@ -16,12 +16,14 @@ import torch
 
 from ibcore.build import build
 from ibcore.config.schema import ComponentSpec, DataConfig
+from ibcore.engine.augment import STANDARD, augment_pixels, policy_parts
 from ibcore.engine.batches import DeviceData
 from ibcore.engine.distributed import Distributed, dump_indices, rank_indices
 from ibcore.engine.experiment_data import SeedData
 from ibcore.engine.runs import RunState, spec_key
 from ibcore.engine.seeding import derive_seed
-from ibcore.protocols import Batch, Sampler
+from ibcore.errors import DataError
+from ibcore.protocols import Augmentation, Batch, Sampler
 
 Lane = tuple[str, int]  # (sampler spec key, batches per epoch)
 Group = tuple[int, str]  # (seed, sampler spec key): runs that share every batch
@@ -43,6 +45,7 @@ class Lanes:
         self.channels_last = channels_last
         self.local_batch = dist.local_batch(data_config.batch_size)  # this rank's share under data_parallel
         self.samplers: dict[Group, Sampler] = {}
+        self.policies: dict[str, Augmentation | None] = {}  # augmentation spec key -> policy (None: none)
 
     def sampler(self, run: RunState, spec: ComponentSpec) -> Sampler:
         """The sampler built from ``spec`` for ``run``'s seed (shared by the runs that name it)."""
@@ -70,8 +73,21 @@ class Lanes:
     def images_per_epoch(self, runs: Sequence[RunState]) -> int:
         return sum(len(self.samplers[k]) for k in {(r.seed, spec_key(r.specs.sampler)) for r in runs if r.specs})
 
-    def batches(self, epoch: int, group: Group, shard: tuple[int, int]) -> Iterator[Batch]:
-        """The training batches of ``epoch`` for the runs of ``group`` (under data_parallel: this rank's slice)."""
+    def policy(self, run: RunState, spec: ComponentSpec | None) -> tuple[str, Augmentation | None]:
+        """The augmentation policy built from ``spec`` (None: the dataset's own only) and its key."""
+        if spec is None or (spec.name == STANDARD and not spec.params):
+            return STANDARD, None
+        key = spec_key(spec)
+        if key not in self.policies:
+            built = build("augmentation", spec.name, spec.params, context=run.context)
+            self.policies[key] = None if not policy_parts(built) else built
+        return (key, self.policies[key]) if self.policies[key] is not None else (STANDARD, None)
+
+    def batches(
+        self, epoch: int, group: Group, runs: Sequence[RunState], shard: tuple[int, int]
+    ) -> Iterator[dict[str, Batch]]:
+        """The training batches of ``epoch`` for the ``runs`` of ``group`` (under data_parallel: this rank's
+        slice), by run name: runs with equal augmentation share one :class:`Batch`."""
         seed, key = group
         rank, world = shard
         drop_last = self.config.drop_last
@@ -85,7 +101,39 @@ class Lanes:
         # Device augmentation draws for the whole global batch on every rank (same seed); see augment_batch.
         per_rank = ("rank", rank) if world > 1 and not on_device else ()
         generator.manual_seed(derive_seed(seed, "augment", key, epoch, *per_rank))
-        for x, y in data.iterate(order, self.local_batch, generator, True, drop_last, shard):
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield Batch(x, y)
+        wanted = {
+            run.name: (self.policy(run, run.config.augmentation), [self.policy(run, v) for v in run.config.views])
+            for run in runs
+        }
+        policies = {k: p for main, views in wanted.values() for k, p in [main, *views]}
+        if not isinstance(data, DeviceData):
+            if set(policies) != {STANDARD}:
+                raise DataError(
+                    "augmentation policies and views are applied on the device: they need a dataset held as tensors "
+                    "(CIFAR, MNIST, array_file) and trainer.data_on_device not 'off'"
+                )
+            for x, y in data.iterate(order, self.local_batch, generator, True, drop_last, shard):
+                batch = Batch(self._layout(x), y)
+                yield {run.name: batch for run in runs}
+            return
+        # Each policy draws from its own stream, so a run's draws do not depend on which other policies train.
+        streams = {}
+        for policy_key in policies:
+            stream = torch.Generator()
+            stream.manual_seed(derive_seed(seed, "augment", key, epoch, "policy", policy_key))
+            streams[policy_key] = stream
+        run_keys = {name: (main[0], *(k for k, _ in views)) for name, (main, views) in wanted.items()}
+        needed = list(dict.fromkeys(k for keys in run_keys.values() for k in keys))
+        for pixels, y in data.iterate_pixels(order, self.local_batch, generator, True, drop_last, shard):
+            tensors = {
+                k: self._layout(augment_pixels(pixels, data.augment, policies[k], streams[k], shard)) for k in needed
+            }
+            shared = {
+                keys: Batch(tensors[keys[0]], y, tuple(tensors[k] for k in keys[1:])) for keys in run_keys.values()
+            }
+            yield {name: shared[keys] for name, keys in run_keys.items()}
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x

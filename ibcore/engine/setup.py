@@ -88,6 +88,18 @@ def preflight(
             )
             issues.append(ConfigIssue("data.batch_size", message))
     issues += _input_shape_issues(experiment, runs, data, device)
+    if not all(isinstance(seed_data.train, DeviceData) for seed_data in data.values()):
+        for i, run in enumerate(experiment.runs):
+            asked = [] if run.augmentation is None or run.augmentation.name == "standard" else ["augmentation"]
+            for field in asked + (["views"] if run.views else []):
+                issues.append(
+                    ConfigIssue(
+                        f"runs[{i}].{field}",
+                        "augmentation policies and views are applied on the device: they need a dataset held as "
+                        f"tensors (CIFAR, MNIST, array_file), not {experiment.data.dataset.name!r} read through a "
+                        "DataLoader (or trainer.data_on_device is 'off')",
+                    )
+                )
     if issues:
         raise ConfigError(issues, source=source)
 

@@ -193,13 +193,13 @@ class Trainer:
             self.fused_step.regroup([views[run.name] for run in runs], {run.name for run in runs if _fusable(run)})
         for (_, iters), groups in lanes.items():
             members = [run for group in groups.values() for run in group]
-            streams = [self.lanes.batches(epoch, group, (rank, world)) for group in groups]
+            streams = [
+                self.lanes.batches(epoch, group, group_runs, (rank, world)) for group, group_runs in groups.items()
+            ]
             for step, lane_batches in enumerate(itertools.islice(zip(*streams, strict=True), self.smoke)):
-                batches = {
-                    run.name: batch for group, batch in zip(groups.values(), lane_batches, strict=True) for run in group
-                }
+                batches = {name: batch for by_run in lane_batches for name, batch in by_run.items()}
                 self._step(members, views, batches, epoch, step, iters)
-                self.display.advance(sum(len(batch.targets) for batch in lane_batches) * world)
+                self.display.advance(sum(len(next(iter(b.values())).targets) for b in lane_batches) * world)
         if self.fused_step is not None:
             self.fused_step.write_back()
 
@@ -303,5 +303,10 @@ class Trainer:
 
 
 def _fusable(run: RunState) -> bool:
-    """Whether the run's step declares itself the standard step's arithmetic (the fused step may stack it)."""
-    return bool(getattr(run.step, "fusable", False))
+    """Whether the run's step declares itself the standard step's arithmetic (the fused step may stack it).
+
+    The declaration counts only where the step's ``__call__`` is defined: a subclass of the standard step that
+    overrides ``__call__`` computes something else, whatever it inherits.
+    """
+    owner = next((k for k in type(run.step).__mro__ if "__call__" in vars(k)), None)
+    return owner is not None and bool(vars(owner).get("fusable", False))

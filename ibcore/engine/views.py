@@ -40,6 +40,7 @@ class RunView:
     bf16: bool
     device_type: str
     _forward: Forward
+    epoch: int = 0
 
     @classmethod
     def of(
@@ -50,7 +51,7 @@ class RunView:
         mixing = run.mixer is not None and run.mixer.active(epoch)
         return cls(
             run.name, run.model, run.loss, run.optimizer, run.mixer, mixing, run.mixer_generator(epoch), run.context,
-            run.specs, spec_key(run.config.backbone), lane, bf16, device_type, forward,
+            run.specs, spec_key(run.config.backbone), lane, bf16, device_type, forward, epoch,
         )  # fmt: skip
 
     def forward(self, x: Tensor, layer: int = 0, mix: Callable[[Tensor], Tensor] | None = None) -> Tensor:

@@ -7,26 +7,36 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from ibcore.engine.mixing import full_precision, loss_of
-from ibcore.protocols import Batch, StepRun
+from ibcore.errors import TrainingError
+from ibcore.protocols import Batch, MixPlan, StepRun
 
 
 def run_loss(run: StepRun, x: Tensor, y: Tensor) -> Tensor:
     """The run's loss on one batch, with its mixer's plan when it mixes (inputs or a hidden layer).
 
-    The building block of every step: a step that needs two passes (SAM) calls it twice.
+    The building block of every step. A step with two passes (SAM) draws the plan once (``run.mix_plan``) and
+    calls :func:`planned_loss` twice with it.
     """
-    plan = run.mix_plan(x, y)
+    return planned_loss(run, x, y, run.mix_plan(x, y))
+
+
+def planned_loss(run: StepRun, x: Tensor, y: Tensor, plan: MixPlan | None) -> Tensor:
+    """The run's (mixed) loss on one batch with a given plan (None: no mixing)."""
     with run.autocast():
-        if plan is None:
-            logits = run.forward(x)
-        elif plan.layer == 0:
-            assert run.mixer is not None
-            logits = run.forward(run.mixer.mix(x, plan))
-        else:
-            mixer = run.mixer
-            assert mixer is not None
-            logits = run.forward(x, plan.layer, lambda h: mixer.mix(h, plan))
-        return loss_of(run.loss, full_precision(logits), y, plan)
+        return loss_of(run.loss, planned_logits(run, x, plan), y, plan)
+
+
+def planned_logits(run: StepRun, x: Tensor, plan: MixPlan | None) -> Tensor:
+    """The run's full-precision logits on ``x`` mixed by ``plan`` (inputs or a hidden layer); call it inside
+    ``run.autocast()``."""
+    if plan is None:
+        return full_precision(run.forward(x))
+    mixer = run.mixer
+    if mixer is None:
+        raise TrainingError(f"run {run.name!r}: a mixer plan was drawn but the run has no mixer")
+    if plan.layer == 0:
+        return full_precision(run.forward(mixer.mix(x, plan)))
+    return full_precision(run.forward(x, plan.layer, lambda h: mixer.mix(h, plan)))
 
 
 class StandardStep:
