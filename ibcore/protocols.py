@@ -232,7 +232,7 @@ class StepRun(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # tensors: compared by identity (shared batches are one object)
 class Batch:
     """One training batch: inputs (N, C, H, W) and int64 targets (N,), augmented, on the device.
 

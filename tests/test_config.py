@@ -238,8 +238,8 @@ def test_stages_must_change_something_and_be_in_order(write: Callable[..., Path]
         ("runs[1].stages[1].from_epoch", "stages must be in increasing from_epoch order"),
         (
             "runs[1].stages[2]",
-            "the stage changes nothing; set loss, sampler, mixer, optimizer, retrain_classifier, scale_classifier or "
-            "train_classifier",
+            "the stage changes nothing; set loss, sampler, mixer, optimizer, step, retrain_classifier, "
+                "scale_classifier or train_classifier",
         ),
     ]
 

@@ -127,6 +127,11 @@ def build_color_jitter(params: ColorJitterParams, context: BuildContext) -> Augm
 class CutoutParams(Params):
     length: int = Field(16, ge=1, description="side of the square cut, in pixels (16 for CIFAR-10 in the paper)")
     n_holes: int = Field(1, ge=1, le=64)
+    before_normalisation: bool = Field(
+        False,
+        description="cut black squares out of the pixels (PaCo/GPaCo's CIFAR pipeline) instead of zeroing the "
+        "normalised batch (the original Cutout code: the mean colour)",
+    )
 
 
 @register_augmentation(
@@ -138,7 +143,7 @@ def build_cutout(params: CutoutParams, context: BuildContext) -> Augmentation:
     """Cutout: squares of the normalised image set to 0 (the mean colour), centres drawn per sample."""
     from ib_plugins_builtin.augmentations._policies import Cutout
 
-    return Cutout(length=params.length, n_holes=params.n_holes)  # type: ignore[no-any-return]
+    return Cutout(length=params.length, n_holes=params.n_holes, normalised=not params.before_normalisation)  # type: ignore[no-any-return]
 
 
 class ComposeParams(Params):
