@@ -92,6 +92,7 @@ def test_standard_is_the_default_bit_for_bit(tmp_path: Path) -> None:
 
 def test_runs_with_other_policies_share_the_crop_and_flip_and_equal_policies_share_a_batch(tmp_path: Path) -> None:
     config = tiny_config(epochs=1, channels_last=False)
+    config["data"]["dataset"]["params"]["augment"] = True  # MNIST's pad-2 random crop
     config["runs"] = [
         {"name": "plain"},
         {"name": "inverted", "augmentation": {"name": "ibtest_invert"}},
@@ -115,7 +116,8 @@ def test_runs_with_other_policies_share_the_crop_and_flip_and_equal_policies_sha
     offsets = (first - seen["plain"][0].inputs).flatten(1)  # per sample, one offset (where not clipped)
     assert len({round(float(row.median()), 4) for row in offsets}) > 1, "every sample draws its own offset"
     for inverted, noisy_b in zip(seen["inverted"], seen["noisy_b"], strict=True):
-        assert torch.equal(noisy_b.views[0], inverted.inputs)  # a view is the policy applied to the same crop
+        assert noisy_b.views[0].shape == inverted.inputs.shape
+        assert not torch.equal(noisy_b.views[0], inverted.inputs)  # a view crops and flips the images anew
 
 
 def test_runs_with_equal_policies_share_one_batch_object(tmp_path: Path) -> None:
@@ -213,3 +215,18 @@ def test_every_built_in_policy_trains_end_to_end_on_the_device(tmp_path: Path, i
         assert torch.isfinite(first[name].inputs).all(), name
     assert not torch.equal(first["aa"].inputs, first["ra"].inputs)
     assert len(first["paco_like"].views) == 1 and first["paco_like"].views[0].shape == first["aa"].inputs.shape
+
+
+def test_two_views_with_one_policy_are_two_different_draws(tmp_path: Path) -> None:
+    """Contrastive methods want two different augmentations of each image, even with one policy (SimCLR)."""
+    config = tiny_config(epochs=1)
+    twice = [{"name": "ibtest_noise"}, {"name": "ibtest_noise"}]
+    config["runs"] = [{"name": "plain"}, {"name": "two", "views": twice}, {"name": "again", "views": twice}]
+    with ibcore.registry_snapshot():
+        register_test_policies()
+        _, step = recorded(config, tmp_path)
+    for plain, two, again in zip(step.batches["plain"], step.batches["two"], step.batches["again"], strict=True):
+        assert two is again  # equal view lists: one batch
+        assert torch.equal(two.inputs, plain.inputs)  # the main batch keeps the shared crop and flip
+        assert not torch.equal(two.views[0], two.views[1])
+        assert torch.equal(two.targets, plain.targets)

@@ -112,7 +112,7 @@ class DeviceData:
         shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches of ``order``; ``shard=(rank, world)``: ``order`` is one rank's slice (see :func:`augment_batch`)."""
-        for x, y in self.iterate_pixels(order, batch_size, generator, train, drop_last, shard):
+        for x, y, _ in self.iterate_pixels(order, batch_size, generator, train, drop_last, shard):
             yield normalise(x, self.augment), y
 
     def iterate_pixels(
@@ -123,14 +123,16 @@ class DeviceData:
         train: bool,
         drop_last: bool,
         shard: tuple[int, int] = (0, 1),
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """As :meth:`iterate`, before normalisation: float pixel values 0..255, cropped and flipped."""
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """As :meth:`iterate`, before normalisation: float pixel values 0..255, cropped and flipped, the targets,
+        and the batch's uint8 images as stored (an extra view crops them anew)."""
         index = torch.as_tensor(order, dtype=torch.long, device=self.device)
         for start in range(0, len(index), batch_size):
             chunk = index[start : start + batch_size]
             if drop_last and len(chunk) < batch_size:
                 return
-            yield crop_and_flip(self.images[chunk], self.augment, generator, train, shard), self.labels[chunk]
+            images = self.images[chunk]
+            yield crop_and_flip(images, self.augment, generator, train, shard), self.labels[chunk], images
 
 
 class LoaderData:

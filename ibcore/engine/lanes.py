@@ -17,7 +17,7 @@ import torch
 from ibcore.build import build
 from ibcore.config.schema import ComponentSpec, DataConfig
 from ibcore.engine.augment import STANDARD, augment_pixels, policy_parts
-from ibcore.engine.batches import DeviceData
+from ibcore.engine.batches import DeviceData, crop_and_flip
 from ibcore.engine.distributed import Distributed, dump_indices, rank_indices
 from ibcore.engine.experiment_data import SeedData
 from ibcore.engine.runs import RunState, spec_key
@@ -101,10 +101,13 @@ class Lanes:
         # Device augmentation draws for the whole global batch on every rank (same seed); see augment_batch.
         per_rank = ("rank", rank) if world > 1 and not on_device else ()
         generator.manual_seed(derive_seed(seed, "augment", key, epoch, *per_rank))
-        wanted = {
-            run.name: (self.policy(run, run.config.augmentation), [self.policy(run, v) for v in run.config.views])
-            for run in runs
-        }
+        # Per run: its policy, and one (key, policy) per extra view. A view has a key of its own per position, so two
+        # views with one policy draw differently, and runs with equal view lists share every draw.
+        wanted = {}
+        for run in runs:
+            main = self.policy(run, run.config.augmentation)
+            views = [self.policy(run, spec) for spec in run.config.views]
+            wanted[run.name] = (main, [(f"{key}#view{i}", policy) for i, (key, policy) in enumerate(views)])
         policies = {k: p for main, views in wanted.values() for k, p in [main, *views]}
         if not isinstance(data, DeviceData):
             if set(policies) != {STANDARD}:
@@ -116,18 +119,23 @@ class Lanes:
                 batch = Batch(self._layout(x), y)
                 yield {run.name: batch for run in runs}
             return
-        # Each policy draws from its own stream, so a run's draws do not depend on which other policies train.
-        streams = {}
+        # Each policy (and each view's crop) draws from its own stream, so a run's images do not depend on which
+        # other policies train beside it.
+        streams, crops = {}, {}
         for policy_key in policies:
-            stream = torch.Generator()
-            stream.manual_seed(derive_seed(seed, "augment", key, epoch, "policy", policy_key))
-            streams[policy_key] = stream
+            streams[policy_key] = torch.Generator()
+            streams[policy_key].manual_seed(derive_seed(seed, "augment", key, epoch, "policy", policy_key))
+            if "#view" in policy_key:
+                crops[policy_key] = torch.Generator(device=data.device)
+                crops[policy_key].manual_seed(derive_seed(seed, "augment", key, epoch, "crop", policy_key))
         run_keys = {name: (main[0], *(k for k, _ in views)) for name, (main, views) in wanted.items()}
         needed = list(dict.fromkeys(k for keys in run_keys.values() for k in keys))
-        for pixels, y in data.iterate_pixels(order, self.local_batch, generator, True, drop_last, shard):
-            tensors = {
-                k: self._layout(augment_pixels(pixels, data.augment, policies[k], streams[k], shard)) for k in needed
-            }
+        for pixels, y, images in data.iterate_pixels(order, self.local_batch, generator, True, drop_last, shard):
+            tensors = {}
+            for k in needed:
+                # The main batch keeps the shared crop and flip; every view crops and flips the images anew.
+                cropped = crop_and_flip(images, data.augment, crops[k], True, shard) if k in crops else pixels
+                tensors[k] = self._layout(augment_pixels(cropped, data.augment, policies[k], streams[k], shard))
             shared = {
                 keys: Batch(tensors[keys[0]], y, tuple(tensors[k] for k in keys[1:])) for keys in run_keys.values()
             }

@@ -42,6 +42,7 @@ class Records:
         self.labels = labels
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, dict[str, Any]] = {}
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # told every new line (the loggers)
 
     # -- metrics ---------------------------------------------------------------------------------
 
@@ -50,6 +51,8 @@ class Records:
         self.history.append(line)  # on every rank: all of them keep the same history
         if self.dist.is_main:
             append_text(self.run_dir / "metrics.jsonl", json.dumps(line, default=_json_default) + "\n")
+            for listener in self.listeners:
+                listener(line)
 
     def train_epoch(
         self, completed: int, active: Sequence[RunState], own: set[str], seconds: float

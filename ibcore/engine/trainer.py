@@ -32,6 +32,7 @@ from ibcore.engine.runs import RunState, effective_specs
 from ibcore.engine.seeding import derive_seed
 from ibcore.engine.setup import SilentDisplay, config_source, preflight, prepare_ranks, resolve_device, smoke_epochs
 from ibcore.engine.steps.fused import FusedStep, GraphRunner
+from ibcore.engine.tracking import make_trackers, result_files, session_of
 from ibcore.engine.views import RunView
 from ibcore.errors import TrainingError
 from ibcore.protocols import Batch
@@ -107,6 +108,11 @@ class Trainer:
         self.ddp = DataParallelModels(self.dist, self.device)
         if self.dist.enabled:
             prepare_ranks(self.dist, self.runs, self.display, self.device, experiment.data.batch_size)
+        self.trackers = (
+            make_trackers(experiment.loggers, self.context, run_dir, self.display.log) if self.dist.is_main else None
+        )
+        if self.trackers is not None:
+            self.records.listeners.append(self.trackers.line)
         self.fused_step = FusedStep.plan(
             settings, self.device, self.display.log, bf16=self.bf16, data_parallel=self.dist.splits_batches,
             graph_runner=graph_runner,
@@ -127,6 +133,8 @@ class Trainer:
     def _fit(self) -> Results:
         settings = self.experiment.trainer
         self._write_meta()
+        if self.trackers is not None:
+            self.trackers.start(session_of(self.experiment, self.run_dir, self.runs, self.start_epoch))
         epochs = [epoch for epoch in self._epochs() if epoch >= self.start_epoch]
         for epoch in epochs:
             started = time.perf_counter()
@@ -295,7 +303,11 @@ class Trainer:
         self._write_meta()
         short = f"a smoke run of {len(smoke_epochs(self.experiment))} short epochs, numbers mean nothing"
         after = short if self.smoke else f"{self.epochs} epochs"
-        return self.records.results(self.runs, list(self.context.class_counts or ()), f"results after {after}")
+        results = self.records.results(self.runs, list(self.context.class_counts or ()), f"results after {after}")
+        if self.trackers is not None:
+            self.trackers.finish(results.rows, result_files(self.run_dir))
+            self.trackers.close()
+        return results
 
     @property
     def history(self) -> list[dict[str, Any]]:
