@@ -24,7 +24,7 @@ from ibcore.errors import (
     TrainingError,
 )
 from ibcore.kinds import Kind, declare_kind
-from ibcore.protocols import Augmentation, AugmentSpec, Batch, MixPlan, StepRun, TrainingStep
+from ibcore.protocols import Augmentation, AugmentSpec, Batch, Logger, LogSession, MixPlan, StepRun, TrainingStep
 from ibcore.registry import (
     KINDS,
     ComponentInfo,
@@ -39,6 +39,7 @@ from ibcore.registry import (
     register_backbone,
     register_dataset,
     register_evaluator,
+    register_logger,
     register_loss,
     register_mixer,
     register_optimizer,
@@ -87,6 +88,8 @@ __all__ = [
     "DataError",
     "IbError",
     "Kind",
+    "LogSession",
+    "Logger",
     "MixPlan",
     "NoParams",
     "Params",
@@ -109,6 +112,7 @@ __all__ = [
     "register_backbone",
     "register_dataset",
     "register_evaluator",
+    "register_logger",
     "register_loss",
     "register_mixer",
     "register_optimizer",

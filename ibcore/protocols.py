@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
+    from pathlib import Path
 
     import numpy as np
     import torch
@@ -194,6 +195,45 @@ class Augmentation(Protocol):
     def draw(self, n: int, generator: torch.Generator) -> Mapping[str, Tensor]: ...
 
     def apply(self, images: Tensor, draws: Mapping[str, Tensor]) -> Tensor: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSession:
+    """What an experiment tracker is told when training starts (or resumes).
+
+    ``runs``: one entry per run of the tracker (every trained run, and every post-hoc variant such as
+    ``ce+tau_norm``), each ``{"name", "method", "seed"}``. ``config`` is the resolved experiment; ``state`` is what
+    this logger's :meth:`Logger.start` returned when the run directory was first trained (empty the first time),
+    so a resumed training continues the same tracker runs.
+    """
+
+    run_dir: Path
+    experiment: str
+    runs: tuple[Mapping[str, Any], ...]
+    config: Mapping[str, Any]
+    config_hash: str
+    resumed: bool
+    state: Mapping[str, Any]
+    epoch: int = 0  # epochs completed when training starts (a resume's checkpoint epoch)
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """An experiment tracker (``loggers:``): every run of the experiment becomes a run in the tracker.
+
+    Called from one background thread, in order: ``start`` once, ``log`` for every metrics line (an epoch's
+    training loss and learning rate, or an evaluation's scalars, split-prefixed: ``test/acc1``), ``finish`` once
+    with the final rows and the result files. An exception switches the logger off (reported once); training
+    never waits for it. metrics.jsonl stays the record.
+    """
+
+    def start(self, session: LogSession) -> Mapping[str, Any] | None:
+        """Open the tracker runs; return what a resume needs (tracker run ids), kept in the run directory."""
+        ...
+
+    def log(self, run: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
+
+    def finish(self, rows: Sequence[Mapping[str, Any]], files: Sequence[Path]) -> None: ...
 
 
 @runtime_checkable

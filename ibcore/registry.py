@@ -561,6 +561,7 @@ register_mixer = decorator("mixer")
 register_adjustment = decorator("adjustment")
 register_step = decorator("step")
 register_augmentation = decorator("augmentation")
+register_logger = decorator("logger")
 
 
 # --------------------------------------------------------------------------------------------

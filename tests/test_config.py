@@ -239,7 +239,7 @@ def test_stages_must_change_something_and_be_in_order(write: Callable[..., Path]
         (
             "runs[1].stages[2]",
             "the stage changes nothing; set loss, sampler, mixer, optimizer, step, retrain_classifier, "
-                "scale_classifier or train_classifier",
+            "scale_classifier or train_classifier",
         ),
     ]
 

@@ -97,6 +97,12 @@ class AugmentationSpec(ComponentSpec):
     component_kind = "augmentation"
 
 
+class LoggerSpec(ComponentSpec):
+    """A registered experiment tracker (tensorboard, mlflow, wandb)."""
+
+    component_kind = "logger"
+
+
 class MixerSpec(ComponentSpec):
     """A registered mixer."""
 
@@ -357,6 +363,11 @@ class Experiment(_Strict):
     defaults: RunDefaults = Field(default_factory=RunDefaults)
     runs: list[RunConfig] = Field(min_length=1)
     evaluators: list[EvaluatorSpec] = Field(default_factory=_default_evaluators)
+    loggers: list[LoggerSpec] = Field(
+        default_factory=list,
+        description="Experiment trackers each run is logged to (tensorboard, mlflow, wandb); metrics.jsonl stays "
+        "the record.",
+    )
 
     @field_validator("seeds")
     @classmethod
