@@ -306,7 +306,14 @@ class RunDefaults(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # A run expanded from a grid is named NAME[path=value,...] (ibcore.config.grid).
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+(\[[A-Za-z0-9_.\-=,+\[\]]+\])?$")
+    grid: dict[str, list[Any]] | None = Field(
+        None,
+        exclude=True,
+        description="One run per combination of these values, named NAME[gamma=1,...]: param paths of the run "
+        "(loss.params.gamma, stages[0].from_epoch) mapped to lists of values. Expanded when the config is read.",
+    )
     backbone: BackboneSpec | None = None
     loss: LossSpec | None = None
     optimizer: OptimizerSpec | None = None

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ibcore.config.errors import issues_from_validation_error
+from ibcore.config.grid import expand_grids, rename_paths
 from ibcore.config.loading import compose_config_file, compose_mapping
 from ibcore.config.overrides import apply_overrides
 from ibcore.config.schema import Experiment, RunConfig, TrainerConfig, _default_evaluators
@@ -358,13 +359,14 @@ def load_experiment_with_plugin_dirs(
         if "extends" in data:
             message = "is resolved when the file is read; --set cannot change it: write extends in the file"
             issues.append(ConfigIssue("extends", message))
+    data, grid_issues, origins = expand_grids(data)
+    issues += grid_issues
     issues += import_plugins(data.get("plugins", []), folders)
-    issues += _component_issues(data)
-    issues += _cross_field_issues(data)
+    issues += rename_paths(_component_issues(data) + _cross_field_issues(data), origins)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
-        issues += issues_from_validation_error(exc, model=Experiment, root=data)
+        issues += rename_paths(issues_from_validation_error(exc, model=Experiment, root=data), origins)
         raise ConfigError(issues, source=name) from None
     experiment = _merge_defaults(experiment)
     if issues:

@@ -175,6 +175,31 @@ def one_image(data: DeviceData | LoaderData) -> torch.Tensor:
     return torch.as_tensor(image).unsqueeze(0).to(torch.get_default_dtype())
 
 
+def log_data(display: ProgressDisplay, data: dict[int, SeedData]) -> None:
+    """One log line on the data: size, where it lives, draws per seed, classes and counts."""
+    first = next(iter(data.values()))
+    where = "on the device, augmented there" if isinstance(first.train, DeviceData) else "via a DataLoader"
+    draws = len({id(seed_data) for seed_data in data.values()})
+    display.log(
+        f"data: {len(first.train)} training images {where}"
+        + (f" (a subset drawn per seed: {draws} draws)" if draws > 1 else "")
+        + f"; {first.num_classes} classes; class counts {first.class_counts}"
+    )
+
+
+def epochs_to_train(experiment: Experiment, smoke: int | None, start: int, display: ProgressDisplay) -> list[int]:
+    """The epochs left from ``start``: all of them, or a smoke run's (said in the log)."""
+    if smoke is None:
+        return list(range(start, experiment.trainer.epochs))
+    epochs = [epoch for epoch in smoke_epochs(experiment) if epoch >= start]
+    display.log(
+        f"[yellow]smoke run: epochs {', '.join(str(e + 1) for e in epochs)} of {experiment.trainer.epochs} (the "
+        f"first, each stage's first, the last), {smoke} batches each, one evaluation on {smoke} batches; its "
+        "numbers mean nothing[/yellow]"
+    )
+    return epochs
+
+
 def smoke_epochs(experiment: Experiment) -> list[int]:
     """The epochs a smoke run trains: the first, the first of every stage, and the last. Schedules, stages and
     samplers see their true epoch numbers, so every phase of every run is exercised."""

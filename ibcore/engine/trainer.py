@@ -19,7 +19,6 @@ import torch
 
 from ibcore.config.schema import Experiment
 from ibcore.context import BuildContext
-from ibcore.engine.batches import DeviceData
 from ibcore.engine.ddp import DataParallelModels
 from ibcore.engine.distributed import Distributed
 from ibcore.engine.evaluation import Evaluation
@@ -30,8 +29,17 @@ from ibcore.engine.records import Records
 from ibcore.engine.repeats import all_seeds, expand_runs
 from ibcore.engine.runs import RunState, effective_specs
 from ibcore.engine.seeding import derive_seed
-from ibcore.engine.setup import SilentDisplay, config_source, preflight, prepare_ranks, resolve_device, smoke_epochs
-from ibcore.engine.steps.fused import FusedStep, GraphRunner
+from ibcore.engine.setup import (
+    SilentDisplay,
+    config_source,
+    epochs_to_train,
+    log_data,
+    preflight,
+    prepare_ranks,
+    resolve_device,
+    smoke_epochs,
+)
+from ibcore.engine.steps.fused import FusedStep, GraphRunner, fusable
 from ibcore.engine.tracking import make_trackers, result_files, session_of
 from ibcore.engine.views import RunView
 from ibcore.errors import TrainingError
@@ -77,13 +85,7 @@ class Trainer:
         self.data = load_data(experiment, all_seeds(experiment), self.device, base)
         first = next(iter(self.data.values()))
         self.context, self.num_classes = first.context, first.num_classes  # what every seed's data shares
-        where = "on the device, augmented there" if isinstance(first.train, DeviceData) else "via a DataLoader"
-        draws = len({id(data) for data in self.data.values()})
-        self.display.log(
-            f"data: {len(first.train)} training images {where}"
-            + (f" (a subset drawn per seed: {draws} draws)" if draws > 1 else "")
-            + f"; {self.num_classes} classes; class counts {first.class_counts}"
-        )
+        log_data(self.display, self.data)
         self.runs = [
             RunState(repeat, self.data[repeat.seed].context.replace(seed=repeat.seed), self.device)
             for repeat in expand_runs(experiment)
@@ -135,7 +137,7 @@ class Trainer:
         self._write_meta()
         if self.trackers is not None:
             self.trackers.start(session_of(self.experiment, self.run_dir, self.runs, self.start_epoch))
-        epochs = [epoch for epoch in self._epochs() if epoch >= self.start_epoch]
+        epochs = epochs_to_train(self.experiment, self.smoke, self.start_epoch, self.display)
         for epoch in epochs:
             started = time.perf_counter()
             changed = self._configure_runs(epoch, transition=True)
@@ -160,17 +162,6 @@ class Trainer:
         self.display.stop()
         self.ddp.clear()
         return self.finish()
-
-    def _epochs(self) -> list[int]:
-        if self.smoke is None:
-            return list(range(self.epochs))
-        epochs = smoke_epochs(self.experiment)
-        self.display.log(
-            f"[yellow]smoke run: epochs {', '.join(str(e + 1) for e in epochs if e >= self.start_epoch)} of "
-            f"{self.epochs} (the first, each stage's first, the last), {self.smoke} batches each, one evaluation "
-            f"on {self.smoke} batches; its numbers mean nothing[/yellow]"
-        )
-        return epochs
 
     def _configure_runs(self, epoch: int, transition: bool) -> set[str]:
         """Build every active run's components for ``epoch``; return the names of the runs that changed."""
@@ -198,7 +189,7 @@ class Trainer:
         torch.manual_seed(derive_seed(self.seed, "epoch", epoch, *(("rank", rank) if world > 1 else ())))
         views = {run.name: self._view(run, epoch) for run in runs}
         if self.fused_step is not None:
-            self.fused_step.regroup([views[run.name] for run in runs], {run.name for run in runs if _fusable(run)})
+            self.fused_step.regroup([views[run.name] for run in runs], {run.name for run in runs if fusable(run.step)})
         for (_, iters), groups in lanes.items():
             members = [run for group in groups.values() for run in group]
             streams = [
@@ -228,8 +219,8 @@ class Trainer:
         """One step of ``runs``: the fused step takes the standard-step runs it can stack, each other run its own."""
         for run in runs:
             run.set_lr(epoch, step, iters)
-        fusable = [views[run.name] for run in runs if _fusable(run)]
-        losses = self.fused_step(fusable, batches) if self.fused_step is not None and fusable else {}
+        stackable = [views[run.name] for run in runs if fusable(run.step)]
+        losses = self.fused_step(stackable, batches) if self.fused_step is not None and stackable else {}
         for run in runs:
             if run.name not in losses:
                 losses.update(self._own_step(run, views[run.name], batches, epoch, step))
@@ -312,13 +303,3 @@ class Trainer:
     @property
     def history(self) -> list[dict[str, Any]]:
         return self.records.history
-
-
-def _fusable(run: RunState) -> bool:
-    """Whether the run's step declares itself the standard step's arithmetic (the fused step may stack it).
-
-    The declaration counts only where the step's ``__call__`` is defined: a subclass of the standard step that
-    overrides ``__call__`` computes something else, whatever it inherits.
-    """
-    owner = next((k for k in type(run.step).__mro__ if "__call__" in vars(k)), None)
-    return owner is not None and bool(vars(owner).get("fusable", False))

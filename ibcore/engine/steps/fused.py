@@ -40,6 +40,14 @@ from ibcore.engine.views import RunView
 from ibcore.protocols import Batch, MixPlan
 
 
+def fusable(step: object) -> bool:
+    """Whether ``step`` declares itself the standard step's arithmetic (``fusable = True``), so its runs may be
+    stacked. The declaration counts only where the step's ``__call__`` is defined: a subclass of the standard
+    step that overrides ``__call__`` computes something else, whatever it inherits."""
+    owner = next((k for k in type(step).__mro__ if "__call__" in vars(k)), None)
+    return owner is not None and bool(vars(owner).get("fusable", False))
+
+
 def fusion_blocker(run: RunView) -> str | None:
     """Why ``run`` cannot be fused (None when it can)."""
     optimizer = run.optimizer
