@@ -150,6 +150,7 @@ class TinyRun:
     context: BuildContext
     mixer: Any = None
     plans_drawn: int = 0
+    epoch: int = 0
 
     def forward(
         self, x: torch.Tensor, layer: int = 0, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -194,7 +195,8 @@ def assert_matches(run: TinyRun, losses: list[float], reference: dict[str, list[
 
 def test_the_stand_in_offers_every_member_of_the_step_run_protocol() -> None:
     members = set(StepRun.__annotations__) | {"forward", "mix_plan", "autocast"}
-    assert members == {"name", "model", "loss", "optimizer", "mixer", "context", "forward", "mix_plan", "autocast"}
+    expected = {"name", "model", "loss", "optimizer", "mixer", "context", "epoch", "forward", "mix_plan", "autocast"}
+    assert members == expected
     assert all(hasattr(tiny_run(), member) for member in members)
 
 

@@ -274,7 +274,20 @@ class ExpectedCalibrationError(LogitsEvaluator):
             return {"ece": None}
         gaps = (self._correct.cpu().double() - self._confidence.cpu().double()).abs()
         # sum_b (n_b / N) * |acc_b - conf_b| = sum_b |correct_b - confidence_sum_b| / N
-        return {"ece": 100.0 * float(gaps.sum()) / total}
+        ece = 100.0 * float(gaps.sum()) / total
+        # The bins themselves, for a reliability diagram (report.html, calibration.png): in percent, None where empty.
+        per_bin = [
+            (int(n), 100.0 * float(c) / float(n) if n else None, 100.0 * float(k) / float(n) if n else None)
+            for n, c, k in zip(
+                counts.tolist(), self._confidence.cpu().double().tolist(), self._correct.cpu().tolist(), strict=True
+            )
+        ]
+        bins = {
+            "count": [b[0] for b in per_bin],
+            "confidence": [b[1] for b in per_bin],
+            "accuracy": [b[2] for b in per_bin],
+        }
+        return {"ece": ece, "ece_bins": bins}
 
 
 class NegativeLogLikelihood(LogitsEvaluator):

@@ -27,6 +27,7 @@ from ibcore.files import append_text, finite_json
 from ibcore.report import METRICS_FORMAT, PLOTS_HINT, read_metrics, write_plots, write_tables
 from ibcore.report.console import console_table
 from ibcore.report.grid import grid_notes
+from ibcore.report.html import write_html_report
 from ibcore.report.labels import display_label, labels_to_keys
 from ibcore.report.plots import matplotlib_available
 from ibcore.report.results import Results
@@ -251,6 +252,7 @@ class Records:
         write_plots(self.run_dir, read_metrics(self.run_dir / "metrics.jsonl"), rows, class_counts)
         if not matplotlib_available():
             self.display.log(f"[yellow]{escape(PLOTS_HINT)}[/yellow]")
+        write_html_report(self.run_dir)
         self.display.print(console_table(rows, title=f"{title} ({self.run_dir})", labels=self.labels))
         for note in grid_notes(rows, best_rows, self.labels):
             self.display.log(escape(note))

@@ -244,7 +244,11 @@ class Trainer:
     def _end_epoch(self, epoch: int, seconds: float) -> None:
         seconds, losses = self.records.train_epoch(epoch + 1, self.active_runs(), self.own, seconds)
         images = self.lanes.images_per_epoch(self.runs)
-        speed = f"{seconds:.1f}s, {images / max(seconds, 1e-9):.0f} img/s; loss "
+        cuda = self.device.type == "cuda"  # the device's memory, where it is the limit
+        memory = (
+            f", {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB peak on {self.device}" if cuda else ""
+        )
+        speed = f"{seconds:.1f}s, {images / max(seconds, 1e-9):.0f} img/s{memory}; loss "
         self.display.end_epoch(epoch, self.epochs, seconds, speed + " ".join(losses))
 
     def evaluate(self, epoch: int) -> None:
