@@ -1,4 +1,4 @@
-"""The ``ib`` command: list, plugins, validate, schema, run, resume, report.
+"""The ``ib`` command: list, plugins, validate, schema, run, resume, report, compare.
 
 Every error a user can cause ends as a message on stderr and exit code 1, never a traceback
 (``IB_DEBUG=1`` shows the traceback for bug reports).
@@ -234,15 +234,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _output_file(given: str) -> Path:
+def _output_file(given: str, option: str = "-o", example: str = "ib.schema.json") -> Path:
     """The file ``-o`` names, checked before any work: a folder, or a file in a folder that does not exist, is
     an error that says so."""
     path = Path(given).expanduser()
     if path.is_dir():
-        raise IbError(f"-o {given}: is a folder; name a file in it, e.g. -o {path / 'ib.schema.json'}")
+        raise IbError(f"{option} {given}: is a folder; name a file in it, e.g. {option} {path / example}")
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
-        raise IbError(f"-o {given}: cannot write there: the folder {path.parent} {what}")
+        raise IbError(f"{option} {given}: cannot write there: the folder {path.parent} {what}")
     return path
 
 
@@ -314,10 +314,67 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.format is not None or args.output is not None:  # the table alone; the run directory is only read
+        from ibcore.report.compare import report_table
+
+        return _print_summary_table(args, lambda: report_table(args.run_dir))
     from ibcore.report import render_run_dir
 
-    render_run_dir(Path(args.run_dir).expanduser(), console=_console())
+    run_dir = Path(args.run_dir).expanduser()
+    console = _console()
+    render_run_dir(run_dir, console=console)
+    if args.html:
+        from ibcore.report.html import write_html_report
+
+        console.print(f"report: {escape(str(write_html_report(run_dir)))}")
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ibcore.report.compare import compare_run_dirs
+
+    return _print_summary_table(args, lambda: compare_run_dirs(args.run_dirs))
+
+
+def _print_summary_table(args: argparse.Namespace, build: Callable[[], Any]) -> int:
+    """``--format`` and ``--output`` of ``ib report`` and ``ib compare``: the table on stdout (the console table
+    by default) or in a file, written atomically; warnings go to stderr."""
+    from ibcore.report.formats import format_for, render, to_console
+
+    output = _output_file(args.output, option="--output", example="results.tex") if args.output else None
+    fmt = format_for(args.output, args.format)
+    table = build()
+    err = _console(stderr=True)
+    if output is not None:
+        from ibcore.files import atomic_write_text
+
+        atomic_write_text(output, render(table, fmt))
+        err.print(f"wrote {escape(str(output))} ({fmt})")
+    elif fmt == "console":
+        _console().print(to_console(table))
+    else:
+        _write_stdout(render(table, fmt))
+    for warning in table.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+    return 0
+
+
+def _add_format_options(parser: argparse.ArgumentParser) -> None:
+    from ibcore.report.formats import FORMATS
+
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="console (the default), markdown (a GitHub table), csv (mean and std in columns of their own) or "
+        "latex (a booktabs tabular, best values in \\textbf)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the table to FILE instead of stdout; without --format, its extension names the format "
+        "(.md, .csv, .tex, .txt)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,10 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report",
         help="re-render tables and plots of a run directory",
-        description="Re-render results tables (and plots, with matplotlib) from RUN_DIR's files.",
+        description="Re-render results tables (and plots, with matplotlib) from RUN_DIR's files. With --format or "
+        "--output, only the last-epoch table is written, in that format; RUN_DIR is then only read.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
+    _add_format_options(p)
+    p.add_argument(
+        "--html",
+        action="store_true",
+        help="also write RUN_DIR/report.html: one self-contained page (tables, figures, config, environment)",
+    )
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="the results of several experiments in one table",
+        description="One table of every method of each RUN_DIR (mean ± std over seeds), with the experiment it "
+        "comes from; warns when the experiments were trained or tested on different data.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    _add_format_options(p)
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

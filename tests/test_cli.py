@@ -59,7 +59,7 @@ def config(tmp_path: Path) -> Callable[[str, str], Path]:
     return write
 
 
-SUBCOMMANDS = ["list", "plugins", "validate", "schema", "run", "resume", "report"]
+SUBCOMMANDS = ["list", "plugins", "validate", "schema", "run", "resume", "report", "compare"]
 
 
 def test_every_subcommand_is_covered_here() -> None:

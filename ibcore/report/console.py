@@ -51,8 +51,14 @@ class ResultsTable:
         rows: Sequence[dict[str, Any]],
         title: str = "results (last epoch)",
         labels: Mapping[str, str] | None = None,
+        *,
+        summaries: Sequence[dict[str, Any]] | None = None,
+        experiments: Sequence[str] | None = None,
     ) -> None:
-        self.summaries = summarise(rows)
+        """``summaries`` (of several run directories) replace those of ``rows``; ``experiments``, one per summary,
+        add a first column naming the experiment each row comes from (``ib compare``)."""
+        self.summaries = list(summaries) if summaries is not None else summarise(rows)
+        self.experiments = list(experiments) if experiments is not None else None
         self.title = title
         self.labels = dict(labels or {})
 
@@ -125,6 +131,8 @@ class ResultsTable:
             collapse_padding=True,
             padding=(0, 1),
         )
+        if self.experiments is not None:
+            table.add_column("experiment", no_wrap=True, overflow="fold")
         table.add_column("run", style="bold", no_wrap=True, overflow="fold")
         for column in columns:
             cells = column.two_lines if two_lines else column.one_line
@@ -136,8 +144,13 @@ class ResultsTable:
             table.add_column(Text(header), justify="left" if column.header == "status" else "right")
         for index, summary in enumerate(self.summaries):
             row = [Text(str(summary["run"]))]
+            last_of_group = True
+            if self.experiments is not None:  # each experiment's name once, a gap after its rows
+                experiment = self.experiments[index]
+                row.insert(0, Text(experiment if index == 0 or self.experiments[index - 1] != experiment else ""))
+                last_of_group = index + 1 < len(self.experiments) and self.experiments[index + 1] != experiment
             row += [(column.two_lines if two_lines else column.one_line)[index] for column in columns]
-            table.add_row(*row)
+            table.add_row(*row, end_section=self.experiments is not None and last_of_group)
         return table
 
     @staticmethod
@@ -172,9 +185,10 @@ class ResultsTable:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from self._layouts(console, options)
-        for summary in self.summaries:
+        for index, summary in enumerate(self.summaries):
             if summary["status"] != "ok":
-                yield Text(f"{summary['run']}: {summary['status']}", style="red")
+                where = f"{self.experiments[index]}: " if self.experiments is not None else ""
+                yield Text(f"{where}{summary['run']}: {summary['status']}", style="red")
 
 
 def console_table(
