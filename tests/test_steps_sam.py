@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -453,7 +454,10 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
             for s in range(3):
                 step([run], {name: Batch(x[s][half], y[s][half])})
             states[name] = [p.detach().tolist() for p in model.parameters()]
+            del run, wrapper, step  # the DDP reducer goes before the process group (gloo aborts otherwise, at times)
+            gc.collect()
         Path(out, f"rank{rank}.json").write_text(json.dumps(states))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
