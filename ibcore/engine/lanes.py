@@ -101,14 +101,7 @@ class Lanes:
         # Device augmentation draws for the whole global batch on every rank (same seed); see augment_batch.
         per_rank = ("rank", rank) if world > 1 and not on_device else ()
         generator.manual_seed(derive_seed(seed, "augment", key, epoch, *per_rank))
-        # Per run: its policy, and one (key, policy) per extra view. A view has a key of its own per position, so two
-        # views with one policy draw differently, and runs with equal view lists share every draw.
-        wanted = {}
-        for run in runs:
-            main = self.policy(run, run.config.augmentation)
-            views = [self.policy(run, spec) for spec in run.config.views]
-            wanted[run.name] = (main, [(f"{key}#view{i}", policy) for i, (key, policy) in enumerate(views)])
-        policies = {k: p for main, views in wanted.values() for k, p in [main, *views]}
+        run_keys, policies = self._augmentations(runs)
         if not isinstance(data, DeviceData):
             if set(policies) != {STANDARD}:
                 raise DataError(
@@ -128,7 +121,6 @@ class Lanes:
             if "#view" in policy_key:
                 crops[policy_key] = torch.Generator(device=data.device)
                 crops[policy_key].manual_seed(derive_seed(seed, "augment", key, epoch, "crop", policy_key))
-        run_keys = {name: (main[0], *(k for k, _ in views)) for name, (main, views) in wanted.items()}
         needed = list(dict.fromkeys(k for keys in run_keys.values() for k in keys))
         for pixels, y, images in data.iterate_pixels(order, self.local_batch, generator, True, drop_last, shard):
             tensors = {}
@@ -140,6 +132,27 @@ class Lanes:
                 keys: Batch(tensors[keys[0]], y, tuple(tensors[k] for k in keys[1:])) for keys in run_keys.values()
             }
             yield {name: shared[keys] for name, keys in run_keys.items()}
+
+    def _augmentations(
+        self, runs: Sequence[RunState]
+    ) -> tuple[dict[str, tuple[str, ...]], dict[str, Augmentation | None]]:
+        """Per run, the keys of its batch's policy and of its views' policies; and the policy of each key.
+
+        A view has a key of its own per position, so two views with one policy draw differently, and runs with
+        equal view lists share every draw."""
+        run_keys: dict[str, tuple[str, ...]] = {}
+        policies: dict[str, Augmentation | None] = {}
+        for run in runs:
+            main_key, main = self.policy(run, run.config.augmentation)
+            policies[main_key] = main
+            keys = [main_key]
+            for position, spec in enumerate(run.config.views):
+                policy_key, policy = self.policy(run, spec)
+                view_key = f"{policy_key}#view{position}"
+                policies[view_key] = policy
+                keys.append(view_key)
+            run_keys[run.name] = tuple(keys)
+        return run_keys, policies
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
