@@ -10,11 +10,11 @@ Weights are drawn from torch's global RNG, so a seeded trainer builds identical 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ibcore import BuildContext, ContextError, Params, register_backbone
+from ibcore import BuildContext, ContextError, DataPath, Params, register_backbone
 
 if TYPE_CHECKING:
     from ib_plugins_builtin.backbones._common import StagedBackbone
@@ -68,6 +68,26 @@ class TorchvisionParams(Params):
     )
     in_channels: int = Field(3, ge=1, description="channels of the input images (other than 3: resnet family only)")
     init_seed: int | None = Field(None, ge=0, description=_INIT_SEED_HELP)
+    weights: str | None = Field(
+        None,
+        description="pretrained weights by torchvision's name (e.g. IMAGENET1K_V2 or DEFAULT): torchvision downloads "
+        "them when they are not in its cache; the classifier is replaced by a new one for the data set's classes",
+    )
+    weights_path: Annotated[str, DataPath] | None = Field(
+        None,
+        description="pretrained weights from a local file: a state dict of this architecture (torch.save), read with "
+        "weights_only=True; a classifier of another size is replaced by a new one",
+    )
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> TorchvisionParams:
+        if self.weights is not None and self.weights_path is not None:
+            raise ValueError("give weights (a torchvision name) or weights_path (a local file), not both")
+        if (self.weights is not None or self.weights_path is not None) and (self.cifar_stem or self.in_channels != 3):
+            raise ValueError(
+                "pretrained weights need the architecture's own first convolution: drop cifar_stem and in_channels"
+            )
+        return self
 
 
 def _require_num_classes(component: str, context: BuildContext) -> int:
@@ -142,7 +162,7 @@ def build_small_cnn(params: SmallCnnParams, context: BuildContext) -> StagedBack
 
 @register_backbone("torchvision", TorchvisionParams)
 def build_torchvision(params: TorchvisionParams, context: BuildContext) -> TorchvisionBackbone:
-    """Any torchvision classification model by name, randomly initialised (never downloads weights)."""
+    """Any torchvision classification model by name: random weights, or pretrained ones (a name or a local file)."""
     from ib_plugins_builtin.backbones._common import build_seeded
     from ib_plugins_builtin.backbones.torchvision_wrapper import build_torchvision_backbone
 

@@ -130,8 +130,84 @@ def _replace_resnet_stem(net: Any, in_channels: int, cifar_stem: bool) -> None:
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
 
 
+def _pretrained(models: Any, arch: str, params: Any, num_classes: int, kwargs: dict[str, Any]) -> Any:
+    """``arch`` with pretrained weights (torchvision's by name, or a local state dict) and, where the weights'
+    classifier has another number of classes, a new classifier (PyTorch's default init) for ``num_classes``."""
+    import torch
+
+    if params.weights is not None:
+        try:
+            weights = models.get_model_weights(arch)[params.weights] if params.weights != "DEFAULT" else "DEFAULT"
+        except KeyError:
+            names = ", ".join(w.name for w in models.get_model_weights(arch))
+            raise ConfigError(
+                [ConfigIssue("params.weights", f"{arch!r} has no weights {params.weights!r}; it has: {names}, DEFAULT")]
+            ) from None
+        source = {"weights": weights}
+        if arch in _AUX_LOGIT_MODELS:
+            source["aux_logits"] = True  # torchvision's pretrained GoogLeNet/Inception carry their auxiliary heads
+        net = models.get_model(arch, **source)
+        if arch in _AUX_LOGIT_MODELS:
+            net.aux_logits, net.AuxLogits = False, None
+            if hasattr(net, "aux1"):
+                net.aux1 = net.aux2 = None
+    else:
+        path = params.weights_path
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError([ConfigIssue("params.weights_path", f"no such file: {path}")]) from None
+        except Exception as exc:  # not a torch file, or objects weights_only refuses (pickled code)
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                [ConfigIssue("params.weights_path", f"{path} is not a state dict torch can load safely: {reason}")]
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # a checkpoint that wraps the state dict
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError([ConfigIssue("params.weights_path", f"{path} does not hold a state dict of tensors")])
+        net = models.get_model(arch, **{**kwargs, "num_classes": num_classes})
+        own = net.state_dict()
+        found = _last_linear(net)
+        head = f"{found[0]}." if found is not None else None
+        fresh_head = {k for k in own if head is not None and k.startswith(head)}
+        if fresh_head and any(k in state and state[k].shape != own[k].shape for k in fresh_head):
+            state = {k: v for k, v in state.items() if head is None or not k.startswith(head)}  # other classes
+        else:
+            fresh_head = set()
+        missing = sorted(set(own) - set(state) - fresh_head)
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            parts = [
+                f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", wrong))
+                if keys
+            ]
+            raise ConfigError(
+                [ConfigIssue("params.weights_path", f"{path} is not a state dict of {arch!r}: " + "; ".join(parts))]
+            )
+        net.load_state_dict(state, strict=False)
+        return net
+    found = _last_linear(net)
+    if found is not None and found[1].out_features != num_classes:
+        parent_path, _, attribute = found[0].rpartition(".")
+        parent = net.get_submodule(parent_path) if parent_path else net
+        setattr(parent, attribute, torch.nn.Linear(found[1].in_features, num_classes))
+    return net
+
+
+def _last_linear(net: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The path and module of ``net``'s last ``nn.Linear`` (its classifier), without changing ``net``."""
+    found = None
+    for path, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (path, module)
+    return found
+
+
 def build_torchvision_backbone(params: Any, num_classes: int) -> TorchvisionBackbone:
-    """Build ``params.arch`` with random weights (``weights=None``: nothing is downloaded)."""
+    """Build ``params.arch`` with random weights (``weights=None``: nothing is downloaded), or pretrained ones."""
     import torchvision.models as models
 
     arch = params.arch
@@ -158,10 +234,14 @@ def build_torchvision_backbone(params: Any, num_classes: int) -> TorchvisionBack
                 )
             ]
         )
+    pretrained = getattr(params, "weights", None) is not None or getattr(params, "weights_path", None) is not None
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if arch in _AUX_LOGIT_MODELS:
         kwargs.update(aux_logits=False, init_weights=True)
-    net = models.get_model(arch, **kwargs)
+    if pretrained:
+        net = _pretrained(models, arch, params, num_classes, kwargs)
+    else:
+        net = models.get_model(arch, **kwargs)
     if resnet_family and (params.cifar_stem or params.in_channels != 3):
         _replace_resnet_stem(net, params.in_channels, params.cifar_stem)
     split = _split_classifier(net, num_classes)
