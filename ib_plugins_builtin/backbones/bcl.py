@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from ibcore import BuildContext, ContextError, Params, register_backbone
+from ibcore import BuildContext, Params, register_backbone
 
 if TYPE_CHECKING:
     from torch import nn
@@ -67,13 +67,10 @@ class BCLResNetParams(Params):
 @register_backbone("bcl_resnet32", BCLResNetParams, citation=BCL_CITATION)
 def build_bcl_resnet32(params: BCLResNetParams, context: BuildContext) -> nn.Module:
     """CIFAR ResNet-32 with BCL's projection head and class-centre head (MLPs 64-512-128), cosine classifier s=30."""
+    from ib_plugins_builtin.backbones import _require_num_classes
     from ib_plugins_builtin.backbones._common import build_seeded
 
-    component = "backbone 'bcl_resnet32'"
-    context.require(component, "num_classes")
-    num_classes = int(context.num_classes)  # type: ignore[arg-type]  # require() checked it is set
-    if num_classes < 1:
-        raise ContextError(f"{component} needs num_classes >= 1 in its BuildContext, got {num_classes}.")
+    num_classes = _require_num_classes("backbone 'bcl_resnet32'", context)
     model_class = _classes()["BCLResNet"]
     return build_seeded(  # type: ignore[no-any-return]
         params.init_seed,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from ibcore import BuildContext, ContextError, Params, register_backbone
+from ibcore import BuildContext, Params, register_backbone
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,12 +59,10 @@ class RideResNetParams(Params):
 @register_backbone("ride_resnet32", RideResNetParams, citation=RIDE_CITATION)
 def build_ride_resnet32(params: RideResNetParams, context: BuildContext) -> nn.Module:
     """RIDE's multi-expert ResNet-32 (shared stage 1, one stage 2-3 and cosine classifier per expert); no router."""
+    from ib_plugins_builtin.backbones import _require_num_classes
     from ib_plugins_builtin.backbones._common import build_seeded
 
-    context.require("backbone 'ride_resnet32'", "num_classes")
-    num_classes = int(context.num_classes)  # type: ignore[arg-type]  # require() checked it is set
-    if num_classes < 1:
-        raise ContextError(f"backbone 'ride_resnet32' needs num_classes >= 1 in its BuildContext, got {num_classes}.")
+    num_classes = _require_num_classes("backbone 'ride_resnet32'", context)
     model_class = _classes()["RideResNet"]
     return build_seeded(  # type: ignore[no-any-return]
         params.init_seed,
