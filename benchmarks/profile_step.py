@@ -56,7 +56,7 @@ def capture(step: Callable[[], torch.Tensor], x: torch.Tensor, y: torch.Tensor) 
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)
-    return CapturedStep(lambda _x, _y: step(), x, y)
+    return CapturedStep(lambda *_: step(), (x, y))
 
 
 def timed(name: str, step: Callable[[], None], device: torch.device, steps: int, images: int) -> float | None:
@@ -124,7 +124,7 @@ def main() -> None:
                     logits = group.forward(xin, shared=True).float()
                 losses = torch.stack([F.cross_entropy(logits[i], y) for i in range(k)])
                 losses.sum().backward()
-                group.sgd_step()
+                group.update()
                 return losses.detach()
 
             norm = "stacked BatchNorm" if stacked_norm else "vmap's BatchNorm"
@@ -171,7 +171,7 @@ def main() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 logits = group.forward(xin, shared=True).float()
             sum(F.cross_entropy(logits[i], y) for i in range(k)).backward()
-            group.sgd_step()
+            group.update()
 
         for _ in range(5):
             profiled_step()

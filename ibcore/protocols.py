@@ -169,7 +169,13 @@ class MixPlan:
 
 @runtime_checkable
 class Mixer(Protocol):
-    """A batch-level mixer (mixup, CutMix, Remix, ...)."""
+    """A batch-level mixer (mixup, CutMix, Remix, ...).
+
+    Optional: ``standard_mix = True`` declares that ``mix(x, plan)`` is the standard mix of its plan: the
+    partner's pixels pasted into ``plan.box`` when it is set, else ``lam * x + (1 - lam) * x[permutation]``.
+    The fused step then mixes the runs' inputs with tensor operations of its own, which a CUDA graph can
+    replay with a new plan at every step (the built-in mixers declare it).
+    """
 
     def active(self, epoch: int) -> bool:
         """False in epochs where mixing is switched off (e.g. the last N epochs)."""

@@ -521,9 +521,9 @@ def test_cuda_graph_replay_trains_like_kernel_by_kernel_steps(
     graphed = make_trainer(config, tmp_path, "graphed")
     graphed.fit()
     log = (graphed.run_dir / "train.log").read_text()
-    assert "2 runs stacked (ce, focal)" in log and "CUDA graphs:" in log
+    assert "3 runs stacked (ce, focal, mixup)" in log and "CUDA graphs:" in log
     assert "cannot be captured" not in log and "one after another" not in log, log
-    assert "CUDA graphs: the training step of ce, focal, lone is captured" in log
+    assert "CUDA graphs: the training step of ce, focal, mixup, lone is captured" in log
     fused = graphed.fused_step
     assert fused is not None and fused.graph_replays > 3 * 5 and fused.groups_built == 3
 
@@ -572,16 +572,17 @@ class ReplayByRunning:
 
     captured = 0
 
-    def __init__(self, step: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, step: Any, inputs: tuple[torch.Tensor, ...]) -> None:
         type(self).captured += 1
-        self.step, self.x, self.y = step, x.clone(memory_format=torch.preserve_format), y.clone()
+        self.step = step
+        self.inputs = tuple(t.clone(memory_format=torch.preserve_format) for t in inputs)
 
     fits = CapturedStep.fits
 
-    def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x)
-        self.y.copy_(y)
-        return self.step(self.x, self.y)  # type: ignore[no-any-return]
+    def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
+        return self.step(*self.inputs)  # type: ignore[no-any-return]
 
 
 def graph_path_config() -> dict[str, Any]:
@@ -596,7 +597,7 @@ def graph_path_config() -> dict[str, Any]:
             "stages": [{"from_epoch": 2, "loss": {"name": "focal", "params": {"gamma": 2.0}}}],
         },
         {"name": "lone", "backbone": {"name": "small_cnn", "params": {"classifier": "cosine"}}},
-        # mixes its inputs: with graphs it is kept out of the (ce, focal) group, which keeps its graph
+        # mixes its inputs: stacked with (ce, focal) and replayed too, each step with its own new plan
         {"name": "mixup", "mixer": {"name": "input_mixup", "params": {"alpha": 1.0}}},
     ]
     return config
@@ -629,17 +630,18 @@ def test_the_graph_path_trains_like_the_sequential_reference(
     log = (graphed.run_dir / "train.log").read_text()
     if capture_fails:
         assert fused.graph_replays == 0
-        assert "CUDA graphs: the step of ce, focal cannot be captured; it runs kernel by kernel" in log
+        assert "CUDA graphs: the step of ce, focal, mixup cannot be captured; it runs kernel by kernel" in log
     else:
-        # (ce, focal) and the lone run in epoch 0, kept through epoch 1; the stage at epoch 2 rebuilds (ce, focal)
-        # with seeds the two mixup repeats also stack (eager: a mixer draws per step), a fourth group
-        assert ReplayByRunning.captured == 3 and fused.groups_built == (4 if seeds else 3)
+        # (ce, focal, mixup) and the lone run in epoch 0, kept through epoch 1; the stage at epoch 2 rebuilds
+        # (ce, focal, mixup)
+        assert ReplayByRunning.captured == 3 and fused.groups_built == 3
         assert fused.graph_replays > 3 * 5
         assert "cannot be captured" not in log
     if not capture_fails and not seeds:
-        assert "CUDA graphs: the training step of ce, focal, lone is captured" in log
+        assert "CUDA graphs: the training step of ce, focal, mixup, lone is captured" in log
     if seeds:
-        assert "CUDA graphs: the training step of ce@seed0, ce@seed1, focal@seed0, focal@seed1, lone@seed0" in log
+        graphed_runs = "ce@seed0, ce@seed1, focal@seed0, focal@seed1, mixup@seed0, mixup@seed1, lone@seed0"
+        assert f"CUDA graphs: the training step of {graphed_runs}" in log
     for run in sequential.runs:
         assert_same_state(state_of(graphed, run.name), state_of(sequential, run.name), atol=1e-9)
 
@@ -681,7 +683,7 @@ def test_lws_learns_only_a_scale_per_class_on_the_frozen_model(tmp_path: Path) -
     trainer = make_trainer({**lws_config(), "trainer": {**lws_config()["trainer"], "fused": "on"}}, tmp_path)
     trainer.fit()
     log = (trainer.run_dir / "train.log").read_text()
-    assert "run 'lws' trains on its own (classifier re-training (cRT, LWS) freezes part of the model)" in log
+    assert "trains on its own" not in log  # a frozen backbone is stacked like any other (tests/test_fused_paths.py)
     after_two = load_checkpoint(trainer.run_dir / "checkpoints" / "epoch-0002.pt")["runs"]["lws"]["model"]
     final = state_of(trainer, "lws")
     assert set(final) - set(after_two) == {"classifier.class_scale"}

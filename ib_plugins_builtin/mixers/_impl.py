@@ -59,6 +59,8 @@ class BatchMixer:
     """
 
     mixes_hidden: bool = False
+    # mix() is the standard blend (or CutMix's box paste) of its plan: the fused step may replay it in a CUDA graph.
+    standard_mix: bool = True
 
     def __init__(self, alpha: float, prob: float = 1.0, disable_from_epoch: int | None = None) -> None:
         self.alpha = alpha

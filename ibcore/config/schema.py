@@ -212,6 +212,14 @@ class TrainerConfig(_Strict):
         description="Train runs of the same architecture as one stacked model where possible.",
         json_schema_extra=_switch_schema(True, False),
     )
+    fused_max_runs: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Stack at most this many runs in one fused group (null: as many as fit in the device's free "
+        "memory, estimated before the first step). A number that does not fit is refused before training, with "
+        "the largest that does.",
+    )
     data_on_device: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Keep small data sets on the device and augment there (no DataLoader).",

@@ -83,7 +83,8 @@ def effective_specs(run: RunConfig, epoch: int) -> EffectiveSpecs:
 
 
 def _scale_logits(classifier: torch.nn.Module, inputs: Any, logits: torch.Tensor) -> torch.Tensor:
-    return logits * classifier.get_parameter("class_scale")
+    # The attribute, not get_parameter(): a fused group's functional_call swaps in a plain (stacked) tensor.
+    return logits * classifier.class_scale  # type: ignore[operator]
 
 
 def add_class_scale(model: torch.nn.Module) -> None:

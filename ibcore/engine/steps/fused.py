@@ -2,18 +2,23 @@
 
 Parameters and BatchNorm buffers of K runs are stacked (``torch.func.stack_module_state``) and
 the forward pass is ``vmap``-ed over them, so K small models cost about as many kernel launches
-as one. Each run keeps its own loss, mixer draw, learning rate, weight decay and momentum. The
+as one. Each run keeps its own loss, mixer draw, learning rate and optimizer hyper-parameters. The
 standard step (:mod:`ibcore.engine.steps.standard`) stays the reference: at the end of every epoch the
-stacked state is written back into each run's model and ``torch.optim.SGD`` state, so checkpoints,
-evaluation and resume are shared with it. Only runs whose step is ``standard`` (``fusable``) come here.
+stacked state is written back into each run's model and torch optimizer, so checkpoints, evaluation
+and resume are shared with it. Only runs whose step is ``standard`` (``fusable``) come here.
 
-Fusion applies to runs whose optimizer is ``torch.optim.SGD`` (no dampening, not maximising),
-that mix only inputs (not hidden layers) and that are not re-training a frozen backbone; other
-runs train sequentially and the log says why.
+What is stacked: runs whose optimizer has a stacked update (``torch.optim.SGD`` without dampening,
+``Adam`` and ``AdamW`` without amsgrad; :mod:`ibcore.engine.steps.stacked_optim`), that mix only inputs (not
+hidden layers), grouped by architecture, sampler lane, optimizer family and which parameters train: a cRT or
+LWS stage's runs stack with each other, their frozen backbone stacked without gradients and in the runs' own
+train/eval modes. Other runs train sequentially and the log says why.
 
 On CUDA (``trainer.cuda_graphs: auto``) each group's whole step (forward, losses, backward, update)
 is captured once in a CUDA graph and replayed for every full batch, since a small model's step is
-bound by kernel launches; a run with no partner gets a group of its own for that. Groups are kept
+bound by kernel launches; a run with no partner gets a group of its own for that. Mixing runs replay
+too: their plans are drawn on the host from each run's seeded stream, exactly as the sequential step
+draws them, and copied into the graph's inputs as tensors (:class:`~ibcore.engine.mixing.PlanTensors`),
+which the captured step mixes with :func:`~ibcore.engine.mixing.standard_mix`. Groups are kept
 from epoch to epoch while their runs' objects are unchanged, so a graph is captured again only
 when a stage changes a run. BatchNorm inside the stacked model is one call over the K runs'
 channels (:mod:`ibcore.engine.stacked_norm`).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -34,9 +40,12 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from ibcore.config.schema import TrainerConfig
-from ibcore.engine.mixing import full_precision, loss_of
+from ibcore.engine.memory import StepMemory, describe, free_device_memory, measure_step
+from ibcore.engine.mixing import PlanTensors, full_precision, loss_of, plan_tensors, standard_mix
 from ibcore.engine.stacked_norm import stack_batchnorm
+from ibcore.engine.steps.stacked_optim import optimizer_family, stacked_optimizer
 from ibcore.engine.views import RunView
+from ibcore.errors import TrainingError
 from ibcore.protocols import Batch, MixPlan
 
 
@@ -50,70 +59,46 @@ def fusable(step: object) -> bool:
 
 def fusion_blocker(run: RunView) -> str | None:
     """Why ``run`` cannot be fused (None when it can)."""
-    optimizer = run.optimizer
-    if type(optimizer) is not torch.optim.SGD:
-        return f"optimizer {run.specs.optimizer.name!r} is not plain SGD"
-    for group in optimizer.param_groups:
-        if group.get("dampening", 0) != 0 or group.get("maximize", False):
-            return "SGD with dampening or maximize"
-    if run.specs.backbone_frozen:
-        return "classifier re-training (cRT, LWS) freezes part of the model"
-    return None
+    family, reason = optimizer_family(run.optimizer)
+    return reason if family is None else None
+
+
+def structure_of(run: RunView) -> tuple[Any, ...]:
+    """What runs stacked in one group must share besides the architecture: the optimizer's update, which
+    parameters train (cRT trains the classifier only, LWS a per-class scale it adds) and which modules are in
+    training mode (a frozen backbone keeps its BatchNorm statistics)."""
+    family, _ = optimizer_family(run.optimizer)
+    parameters = tuple((name, p.requires_grad) for name, p in run.model.named_parameters())
+    return family, parameters, tuple(module.training for module in run.model.modules())
 
 
 class _Group:
-    """K runs stacked: parameters, buffers, momentum buffers and per-run hyperparameters."""
+    """K runs stacked: parameters, buffers, the optimizer state and per-run hyperparameters."""
 
     def __init__(self, runs: list[RunView], compile: bool = False) -> None:
         self.runs = runs
         self.depends_on = _depends_on(runs)
+        self.mixing = [run.mixing for run in runs]
         self.verified = False  # set once a stacked step has succeeded
+        self.sized = False  # set once the group is known to fit in the device's memory (FusedStep._sized)
         models = [run.model for run in runs]
         params, buffers = stack_module_state(models)  # type: ignore[arg-type]
-        self.params = {name: p.detach().clone().requires_grad_(True) for name, p in params.items()}
+        trains = {name: p.requires_grad for name, p in models[0].named_parameters()}
+        # Frozen parameters (a cRT or LWS stage's backbone) are stacked too, for the forward pass, without grads.
+        self.params = {name: p.detach().clone().requires_grad_(trains[name]) for name, p in params.items()}
         self.buffers = {name: b.detach().clone() for name, b in buffers.items()}
-        # A skeleton module on the meta device: functional_call only needs its structure.
-        self.skeleton = copy.deepcopy(models[0]).to("meta").train()  # fused runs never freeze BatchNorm
+        # A skeleton module on the meta device: functional_call only needs its structure. It keeps the runs'
+        # training flags: a frozen backbone's BatchNorm uses its running statistics, as in the runs' own models.
+        self.skeleton = copy.deepcopy(models[0]).to("meta")
         stack_batchnorm(self.skeleton)  # one BatchNorm call over K·C channels instead of vmap's decomposition
-        self.names = list(self.params)
-        self.param_groups: list[list[dict[str, Any]]] = []  # per parameter name: each run's torch param group
-        self.momentum_buffers = {}
-        # Per run, once: parameters by name and each parameter's optimizer group (not a scan per parameter).
-        named = [dict(run.model.named_parameters()) for run in runs]
-        group_of = [
-            {id(p): g for g in run.optimizer.param_groups for p in g["params"]}  # type: ignore[union-attr]
-            for run in runs
-        ]
-        for name in self.names:
-            groups_k = []
-            buffers_k = []
-            for k, run in enumerate(runs):
-                assert run.optimizer is not None
-                parameter = named[k][name]
-                groups_k.append(group_of[k][id(parameter)])
-                state = run.optimizer.state.get(parameter, {})
-                buffer = state.get("momentum_buffer")
-                buffers_k.append(buffer.detach().clone() if buffer is not None else torch.zeros_like(parameter))
-            self.param_groups.append(groups_k)
-            self.momentum_buffers[name] = torch.stack(buffers_k)
-        device = self.params[self.names[0]].device
-        shape = lambda t, n: t.view(-1, *([1] * (n - 1)))  # noqa: E731 - broadcast (K,) over a parameter
-        self.weight_decay = {
-            n: shape(torch.tensor([g["weight_decay"] for g in gs], device=device), self.params[n].dim())
-            for n, gs in zip(self.names, self.param_groups, strict=True)
-        }
-        self.momentum = {
-            n: shape(torch.tensor([g["momentum"] for g in gs], device=device), self.params[n].dim())
-            for n, gs in zip(self.names, self.param_groups, strict=True)
-        }
-        self.nesterov_mask: dict[str, torch.Tensor | None] = {}
-        for n, gs in zip(self.names, self.param_groups, strict=True):
-            flags = [bool(g["nesterov"]) for g in gs]
-            mask = shape(torch.tensor(flags, device=device), self.params[n].dim())
-            self.nesterov_mask[n] = mask if any(flags) else None
+        family, _ = optimizer_family(runs[0].optimizer)
+        assert family is not None, "regroup stacks only runs with a stacked update"
+        trainable = {name: p for name, p in self.params.items() if p.requires_grad}
+        self.optimizer = stacked_optimizer(family, runs, trainable)  # type: ignore[arg-type]
+        device = self.params[next(iter(self.params))].device
         # Learning rates (parameter, run) live in a device tensor that each step refills without a host sync,
         # so a CUDA graph of the step reads the current values.
-        self.lrs = torch.zeros(len(self.names), len(runs), device=device)
+        self.lrs = torch.zeros(len(self.optimizer.names), len(runs), device=device)
         self.graph: GraphRunner | None = None
         self.capture_failed = False  # capture failed once: this group steps kernel by kernel
         self.eager_only = False  # set each epoch: a run of the group cannot replay a graph (see FusedStep.regroup)
@@ -134,58 +119,37 @@ class _Group:
     def load_lrs(self) -> None:
         """Copy the runs' current learning rates into ``self.lrs`` (from pinned memory, without waiting)."""
         cuda = self.lrs.device.type == "cuda"
-        host = torch.tensor([[g["lr"] for g in gs] for gs in self.param_groups], pin_memory=cuda)
-        self.lrs.copy_(host, non_blocking=cuda)
+        host = torch.tensor([[g["lr"] for g in gs] for gs in self.optimizer.param_groups], pin_memory=cuda)
+        self.lrs.copy_(host.view(self.lrs.shape), non_blocking=cuda)
 
-    @torch.no_grad()
-    def sgd_step(self) -> None:
-        """torch.optim.SGD's update (dampening 0), with each run's lr (``self.lrs``), weight decay and momentum."""
-        for j, name in enumerate(self.names):
-            p = self.params[name]
-            if p.grad is None:
-                continue
-            lr = self.lrs[j].view(-1, *([1] * (p.dim() - 1)))
-            d_p = p.grad + self.weight_decay[name] * p
-            buf = self.momentum_buffers[name]
-            buf.mul_(self.momentum[name]).add_(d_p)
-            mask = self.nesterov_mask[name]
-            if mask is not None:
-                update = torch.where(mask, d_p + self.momentum[name] * buf, buf)
-            else:
-                update = buf
-            p.sub_(lr * update)
-            p.grad = None
+    def update(self) -> None:
+        """Each run's optimizer update (its learning rate, weight decay, momentum or betas)."""
+        self.optimizer.step(self.lrs)
 
     @torch.no_grad()
     def reload(self) -> None:
-        """Copy each run's model and momentum into the stacked tensors, in place (a captured graph reads them)."""
+        """Copy each run's model and optimizer state into the stacked tensors, in place (a captured graph reads
+        them)."""
         for k, run in enumerate(self.runs):
-            assert run.optimizer is not None
             parameters = dict(run.model.named_parameters())
-            for name in self.names:
-                self.params[name][k].copy_(parameters[name])
-                buffer = run.optimizer.state.get(parameters[name], {}).get("momentum_buffer")
-                if buffer is None:
-                    self.momentum_buffers[name][k].zero_()
-                else:
-                    self.momentum_buffers[name][k].copy_(buffer)
+            for name, stacked in self.params.items():
+                stacked[k].copy_(parameters[name])
             buffers = dict(run.model.named_buffers())
             for name, value in self.buffers.items():
                 value[k].copy_(buffers[name])
+        self.optimizer.reload(self.runs)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Copy the stacked state into each run's model and optimizer (the reference objects)."""
         for k, run in enumerate(self.runs):
             parameters = dict(run.model.named_parameters())
-            for name in self.names:
-                parameters[name].copy_(self.params[name][k])
-                assert run.optimizer is not None
-                state = run.optimizer.state[parameters[name]]
-                state["momentum_buffer"] = self.momentum_buffers[name][k].clone()
+            for name, stacked in self.params.items():
+                parameters[name].copy_(stacked[k])
             buffers = dict(run.model.named_buffers())
             for name, value in self.buffers.items():
                 buffers[name].copy_(value[k])
+        self.optimizer.write_back(self.runs)  # type: ignore[arg-type]
 
 
 class FusedStep:
@@ -205,6 +169,7 @@ class FusedStep:
         compile: bool = False,
         forced: bool = False,
         graph_runner: Callable[..., GraphRunner] | None = None,
+        max_runs: int | None = None,
     ) -> None:
         self.log = log
         self.device_type = device_type
@@ -213,6 +178,10 @@ class FusedStep:
         self.compile = compile
         self.forced = forced
         self.graph_runner = graph_runner or CapturedStep
+        self.max_runs = max_runs  # trainer.fused_max_runs: None sizes groups by the device's free memory
+        self.memory_budget: Callable[[torch.device], int | None] = free_device_memory  # bytes; a test sets its own
+        self._step_memory: dict[tuple[Any, ...], StepMemory] = {}  # measured once per architecture and input
+        self._limits: dict[tuple[Any, ...], int] = {}  # the most runs one group may stack, per _size_key
         self.groups: list[_Group] = []
         self.kept: list[_Group] = []  # last epoch's groups, reused when their runs are unchanged
         self.fused_sets: list[list[str]] = []  # every distinct set of run names fused so far (meta.json)
@@ -256,7 +225,7 @@ class FusedStep:
             log("CUDA graphs: off while trainer.compile is on (torch.compile brings its own)")
         return cls(
             log=log, device_type=device.type, bf16=bf16, graphs=graphs, compile=settings.compile,
-            forced=settings.fused == "on", graph_runner=graph_runner,
+            forced=settings.fused == "on", graph_runner=graph_runner, max_runs=settings.fused_max_runs,
         )  # fmt: skip
 
     def describe(self) -> list[list[str]]:
@@ -275,7 +244,7 @@ class FusedStep:
         nothing this epoch: its whole step is then replayed from a graph instead of launched kernel by kernel.
         """
         self.groups = []
-        candidates: dict[tuple[str, tuple[str, int], bool], list[RunView]] = defaultdict(list)
+        candidates: dict[tuple[Any, ...], list[RunView]] = defaultdict(list)
         for view in views:
             if view.name not in standard:
                 step = view.specs.step.name
@@ -288,20 +257,24 @@ class FusedStep:
                 continue
             if run.backbone_key in self.unfusable or run.name in self.hidden_mixers:
                 continue
-            # With graphs, runs that cannot replay one (a mixer draws a new batch per run and step; a loss that
-            # does not declare itself a pure function of its tensors) are stacked apart: the others keep theirs.
-            eager_only = self.graphs and (run.mixing or not _graph_safe_loss(run))
+            # With graphs, runs that cannot replay one (a mixer whose mix is its own; a loss that does not
+            # declare itself a pure function of its tensors) are stacked apart: the others keep theirs.
+            eager_only = self.graphs and not (_graph_safe_loss(run) and _graph_safe_mixer(run))
             # Runs of every seed whose batches come in lockstep (the same sampler, equally long epochs) stack.
-            candidates[(run.backbone_key, run.lane, eager_only)].append(run)
-        for (_, _, eager_only), members in candidates.items():
-            if len(members) == 1 and (not self.graphs or eager_only or members[0].name in self.ungraphable):
+            candidates[(run.backbone_key, run.lane, eager_only, structure_of(run))].append(run)
+        for (_, _, eager_only, _), candidates_k in candidates.items():
+            if len(candidates_k) == 1 and (not self.graphs or eager_only or candidates_k[0].name in self.ungraphable):
                 continue
-            group = self._group_of(members)
-            group.eager_only = eager_only
-            self.groups.append(group)
-            names = [run.name for run in members]
-            if len(names) > 1 and names not in self.fused_sets:
-                self.fused_sets.append(names)
+            # A size found to fit in an earlier epoch splits the runs before they are stacked (see _sized).
+            limit = self._limits.get(_size_key(candidates_k[0]))
+            for members in _even_parts(candidates_k, limit or len(candidates_k)):
+                group = self._group_of(members)
+                group.eager_only = eager_only
+                group.sized = group.sized or limit is not None
+                self.groups.append(group)
+                names = [run.name for run in members]
+                if len(names) > 1 and names not in self.fused_sets:
+                    self.fused_sets.append(names)
         stacked = [g for g in self.groups if len(g.runs) > 1]
         if stacked:
             self.log_once(
@@ -309,7 +282,11 @@ class FusedStep:
                 + "; ".join(f"{len(g.runs)} runs stacked ({', '.join(r.name for r in g.runs)})" for g in stacked)
             )
         elif self.forced:
-            self.log_once("fused path: trainer.fused is 'on' but no two runs share an architecture and a sampler")
+            self.log_once(
+                "fused path: trainer.fused is 'on' but no two runs share an architecture, a sampler, an optimizer "
+                "family (SGD; Adam/AdamW) and the same trainable parameters (a cRT stage trains the classifier, "
+                "an LWS stage a scale)"
+            )
         graphed = [r.name for g in self.groups if not g.eager_only for r in g.runs]
         if self.graphs:
             for run in runs:
@@ -317,6 +294,11 @@ class FusedStep:
                     self.log_once(
                         f"CUDA graphs: run {run.name!r} steps kernel by kernel: its loss does not declare "
                         "cuda_graph_safe = True (a pure function of its tensors; see docs/registering.md)"
+                    )
+                elif fusion_blocker(run) is None and not _graph_safe_mixer(run):
+                    self.log_once(
+                        f"CUDA graphs: run {run.name!r} steps kernel by kernel: its mixer does not declare "
+                        "standard_mix = True (see docs/registering.md)"
                     )
         if self.graphs and graphed:
             self.log_once(
@@ -351,24 +333,92 @@ class FusedStep:
         the runs it trained (the others are left to their own step)."""
         losses: dict[str, Tensor] = {}
         names = {run.name for run in runs}
-        for group in list(self.groups):
-            if not all(run.name in names for run in group.runs):
+        for whole in list(self.groups):
+            if not all(run.name in names for run in whole.runs):
                 continue
-            x, y = _group_batch(group, batches)
-            try:
-                stepped = self._try_step(group, x, y)
-            except _MixesHidden as exc:
-                # Nothing has changed this step: the runs' state so far goes back to them, and from now on the
-                # mixing runs train on their own (the group's other runs too, for the rest of this epoch).
-                group.write_back()
-                self.groups.remove(group)
-                self.hidden_mixers.update(exc.runs)
-                for name in exc.runs:
-                    self.log_once(f"fused path: run {name!r} mixes hidden activations: it trains on its own")
-                continue
-            if stepped is not None:
-                losses.update(stepped)
+            for group in self._sized(whole, batches):
+                self._step_or_give_back(group, batches, losses)
         return losses
+
+    def _step_or_give_back(self, group: _Group, batches: Mapping[str, Batch], losses: dict[str, Tensor]) -> None:
+        """Step ``group``, adding its runs' losses to ``losses``; a group whose runs turn out to mix hidden layers
+        is given back to the runs (they then train on their own)."""
+        x, y = _group_batch(group, batches)
+        try:
+            stepped = self._try_step(group, x, y)
+        except _MixesHidden as exc:
+            # Nothing has changed this step: the runs' state so far goes back to them, and from now on the
+            # mixing runs train on their own (the group's other runs too, for the rest of this epoch).
+            group.write_back()
+            self.groups.remove(group)
+            self.hidden_mixers.update(exc.runs)
+            for name in exc.runs:
+                self.log_once(f"fused path: run {name!r} mixes hidden activations: it trains on its own")
+            return
+        if stepped is not None:
+            losses.update(stepped)
+
+    def _sized(self, group: _Group, batches: Mapping[str, Batch]) -> list[_Group]:
+        """``group``, or the groups it is split into so that each one's step fits in the device's memory (and in
+        ``trainer.fused_max_runs``). Decided once, before a group's first step; an explicit
+        ``fused_max_runs`` that the estimate says does not fit is refused, with the number that does."""
+        if group.sized:
+            return [group]
+        group.sized = True
+        k = len(group.runs)
+        x, _ = _group_batch(group, batches)
+        budget = self.memory_budget(x.tensor.device) if k > 1 or self.max_runs is not None else None
+        limit = self.max_runs or k
+        if budget is not None:
+            memory = self._memory_of(group, x)
+            batch_size = len(x.of(0))
+            fits = memory.most_runs(batch_size, budget)
+            need = f"one stacked step of {k} runs ({', '.join(r.name for r in group.runs)})"
+            estimate = (
+                f"about {describe(memory.group(1, batch_size))} a run at batch size {batch_size}, "
+                f"{describe(budget)} free on {x.tensor.device}"
+            )
+            if self.max_runs is not None and min(self.max_runs, k) > fits:
+                raise TrainingError(
+                    f"trainer.fused_max_runs: {self.max_runs}: {need} in groups of {min(self.max_runs, k)} needs "
+                    f"{estimate}; at most {fits} fit. Set trainer.fused_max_runs: {max(fits, 1)}, or leave it "
+                    "unset and the engine splits the runs into groups that fit"
+                    + ("" if fits else ", or lower data.batch_size")
+                )
+            if fits == 0:
+                self.log_once(
+                    f"[yellow]fused path: even one run's step may not fit ({estimate}): the runs step one by one; "
+                    "lower data.batch_size if they run out of memory[/yellow]"
+                )
+            limit = min(limit, max(fits, 1))
+            if limit < k:
+                self.log_once(f"fused path: {need} would need {describe(memory.group(k, batch_size))} ({estimate})")
+        self._limits[_size_key(group.runs[0])] = limit
+        if limit >= k:
+            return [group]
+        members = _even_parts(group.runs, limit)
+        size = len(members[0])
+        split = [self._group_of(runs) for runs in members]
+        for part in split:
+            part.eager_only, part.sized = group.eager_only, True
+        at = self.groups.index(group)
+        self.groups[at : at + 1] = split
+        names = [run.name for run in group.runs]
+        self.fused_sets = [h for h in self.fused_sets if h != names] + [
+            [run.name for run in runs] for runs in members if len(runs) > 1
+        ]
+        self.log_once(f"fused path: {k} runs stacked as {len(split)} groups of at most {size} runs, one after another")
+        return split
+
+    def _memory_of(self, group: _Group, x: _Batch) -> StepMemory:
+        """One run's share of the group's step, measured once per architecture, structure and input shape."""
+        sample = x.of(0)[0]
+        key = (*_size_key(group.runs[0]), tuple(sample.shape), sample.dtype)
+        run = group.runs[0]
+        if key not in self._step_memory:
+            slots = len(group.optimizer.state_keys)
+            self._step_memory[key] = measure_step(run.model, sample, slots, self._autocast)
+        return self._step_memory[key]
 
     def _try_step(self, group: _Group, x: _Batch, y: _Batch) -> dict[str, Tensor] | None:
         """One step of ``group``; None when its first step failed and its runs go on one after another."""
@@ -396,15 +446,19 @@ class FusedStep:
         """One step of ``group``: ``x``, ``y`` are one batch for every run, or (K, N, ...) with one per run."""
         plans = _draw_plans(group, x, y)
         group.load_lrs()
+        mixes = any(p is not None for p in plans)
+        inputs: tuple[Tensor, ...] = (x.tensor, y.tensor)
+        if mixes:
+            inputs += plan_tensors(plans, len(y.of(0)), x.tensor).as_tuple()
         losses: Any
-        if any(p is not None for p in plans):
-            losses = self._mixed_step(group, x, y, plans)
-        elif (
+        if (
             self.graphs
             and not (group.eager_only or group.capture_failed)
-            and (group.graph is None or group.graph.fits(x, y))
+            and (group.graph is None or group.graph.fits(inputs))
         ):
-            losses = self._graph_step(group, x, y)
+            losses = self._graph_step(group, x.shared, y.shared, inputs)
+        elif mixes:
+            losses = self._mixed_step(group, x, y, plans)
         else:
             losses = self._plain_step(group, x, y)
         return {run.name: losses[k] for k, run in enumerate(group.runs)}
@@ -421,7 +475,7 @@ class FusedStep:
             logits = full_precision(group.forward(x.tensor, shared=x.shared))
         losses = torch.stack([run.loss(logits[k], y.of(k)) for k, run in enumerate(group.runs)])
         losses.sum().backward()
-        group.sgd_step()
+        group.update()
         return losses.detach()
 
     def _mixed_step(self, group: _Group, x: _Batch, y: _Batch, plans: list[MixPlan | None]) -> list[torch.Tensor]:
@@ -433,21 +487,44 @@ class FusedStep:
             logits = full_precision(group.forward(torch.stack(inputs), shared=False))
         losses = [loss_of(run.loss, logits[k], y.of(k), plans[k]) for k, run in enumerate(group.runs)]
         torch.stack(losses).sum().backward()
-        group.sgd_step()
+        group.update()
         return [loss.detach() for loss in losses]
 
-    def _graph_step(self, group: _Group, x: _Batch, y: _Batch) -> torch.Tensor:
-        """The plain step replayed from a CUDA graph: one warm-up step, then a capture, then replays."""
+    def _planned_step(self, group: _Group, x: _Batch, y: _Batch, plans: PlanTensors) -> torch.Tensor:
+        """:meth:`_mixed_step` with the plans as tensors (:func:`standard_mix`): what a CUDA graph replays."""
+        with self._autocast():
+            inputs = [standard_mix(x.of(k), plans, k) if mixing else x.of(k) for k, mixing in enumerate(group.mixing)]
+            logits = full_precision(group.forward(torch.stack(inputs), shared=False))
+        losses = torch.stack(
+            [
+                loss_of(run.loss, logits[k], y.of(k), plans.plan(k) if group.mixing[k] else None)
+                for k, run in enumerate(group.runs)
+            ]
+        )
+        losses.sum().backward()
+        group.update()
+        return losses.detach()
+
+    def _tensor_step(self, group: _Group, x_shared: bool, y_shared: bool, inputs: tuple[Tensor, ...]) -> Tensor:
+        """The step on a tuple of tensors (inputs, targets and, when a run mixes, its plans): what is captured."""
+        x, y = _Batch(inputs[0], x_shared), _Batch(inputs[1], y_shared)
+        if len(inputs) == 2:
+            return self._plain_step(group, x, y)
+        return self._planned_step(group, x, y, PlanTensors(*inputs[2:]))
+
+    def _graph_step(self, group: _Group, x_shared: bool, y_shared: bool, inputs: tuple[Tensor, ...]) -> torch.Tensor:
+        """The step replayed from a CUDA graph: one warm-up step, then a capture, then replays. ``inputs`` are
+        copied into the graph's own tensors at each replay: the batch, and the mixing runs' plans."""
+        step = lambda *tensors: self._tensor_step(group, x_shared, y_shared, tensors)  # noqa: E731
         if group.graph is None and not group.warm:
             # Capture needs the step to have run once on a side stream (cuDNN autotuning, lazy initialisation).
-            with _side_stream(x.tensor.device):
-                losses = self._plain_step(group, x, y)
+            with _side_stream(inputs[0].device):
+                losses = step(*inputs)
             group.warm = True
             return losses
         if group.graph is None:
             try:
-                step = lambda gx, gy: self._plain_step(group, _Batch(gx, x.shared), _Batch(gy, y.shared))  # noqa: E731
-                group.graph = self.graph_runner(step, x.tensor, y.tensor)
+                group.graph = self.graph_runner(step, inputs)
             except RuntimeError as exc:  # e.g. a loss that reads a value back to the host
                 group.capture_failed = True
                 for parameter in group.params.values():
@@ -459,9 +536,21 @@ class FusedStep:
                     f"CUDA graphs: the step of {', '.join(r.name for r in group.runs)} cannot be captured; "
                     f"it runs kernel by kernel ({type(exc).__name__}: {escape(reason)})"
                 )
-                return self._plain_step(group, x, y)
+                return step(*inputs)
         self.graph_replays += 1
-        return group.graph.replay(x.tensor, y.tensor)
+        return group.graph.replay(inputs)
+
+
+def _size_key(run: RunView) -> tuple[Any, ...]:
+    """Runs with equal keys need equal memory per run in a stacked step."""
+    return (run.backbone_key, structure_of(run))
+
+
+def _even_parts(runs: list[RunView], limit: int) -> list[list[RunView]]:
+    """``runs`` in as few parts of at most ``limit`` as possible, of even sizes (64 runs at most 21 a part: 4 × 16)."""
+    parts = math.ceil(len(runs) / limit)
+    size = math.ceil(len(runs) / parts)
+    return [runs[i : i + size] for i in range(0, len(runs), size)]
 
 
 def _draw_plans(group: _Group, x: _Batch, y: _Batch) -> list[MixPlan | None]:
@@ -518,6 +607,12 @@ def _graph_safe_loss(run: RunView) -> bool:
     return bool(getattr(run.loss, "cuda_graph_safe", False))
 
 
+def _graph_safe_mixer(run: RunView) -> bool:
+    """Whether the run's mixing can be replayed from a CUDA graph: it mixes nothing this epoch, or its mixer
+    declares ``standard_mix = True`` (the fused step then mixes with :func:`standard_mix`)."""
+    return not run.mixing or bool(getattr(run.mixer, "standard_mix", False))
+
+
 @contextlib.contextmanager
 def _side_stream(device: torch.device) -> Iterator[None]:
     """Run the block on a fresh CUDA stream that starts after, and ends before, the current stream's work."""
@@ -533,39 +628,41 @@ def _side_stream(device: torch.device) -> Iterator[None]:
 
 
 def _depends_on(runs: list[RunView]) -> list[tuple[Any, ...]]:
-    """What a stacked step depends on: each run's model, optimizer, loss, mixer and stage objects. A stage
-    that changes any of them builds new objects."""
-    return [(r.model, r.optimizer, r.loss, r.mixer, r.specs) for r in runs]
+    """What a stacked step depends on: each run's model, optimizer, loss, mixer and stage objects, and whether
+    it mixes this epoch (a captured step mixes the runs it mixed when it was captured). A stage that changes any
+    of them builds new objects."""
+    return [(r.model, r.optimizer, r.loss, r.mixer, r.specs, r.mixing) for r in runs]
 
 
 class GraphRunner(Protocol):
-    """Captures a step once and replays it for batches of the same shape (:class:`CapturedStep` on CUDA; a
-    test injects one that runs the step eagerly)."""
+    """Captures a step once and replays it for inputs of the same shapes (:class:`CapturedStep` on CUDA; a test
+    injects one that runs the step eagerly). Inputs are a tuple of tensors: the batch's inputs and targets, and
+    the mixing runs' :class:`~ibcore.engine.mixing.PlanTensors` when any run of the group mixes."""
 
-    def fits(self, x: _Batch, y: _Batch) -> bool: ...
+    def fits(self, inputs: tuple[Tensor, ...]) -> bool: ...
 
-    def replay(self, x: Tensor, y: Tensor) -> Tensor: ...
+    def replay(self, inputs: tuple[Tensor, ...]) -> Tensor: ...
 
 
 class CapturedStep:
-    """A training step captured in a CUDA graph, with the static input batch it reads."""
+    """A training step captured in a CUDA graph, with the static inputs it reads."""
 
-    def __init__(self, step: Any, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x = x.clone(memory_format=torch.preserve_format)
-        self.y = y.clone()
+    def __init__(self, step: Callable[..., Tensor], inputs: tuple[Tensor, ...]) -> None:
+        self.inputs = tuple(t.clone(memory_format=torch.preserve_format) for t in inputs)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader pin-memory thread may call CUDA meanwhile; only this thread is captured.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.losses: torch.Tensor = step(self.x, self.y)
+            self.losses: torch.Tensor = step(*self.inputs)
 
-    def fits(self, x: _Batch, y: _Batch) -> bool:
-        """Whether a batch can go through the graph (same shape and layout: not a last, smaller batch)."""
-        return (
-            x.tensor.shape == self.x.shape and x.tensor.stride() == self.x.stride() and y.tensor.shape == self.y.shape
+    def fits(self, inputs: tuple[Tensor, ...]) -> bool:
+        """Whether inputs can go through the graph (same shapes and layouts: not a last, smaller batch)."""
+        return len(inputs) == len(self.inputs) and all(
+            a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            for a, b in zip(inputs, self.inputs, strict=True)
         )
 
-    def replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x)
-        self.y.copy_(y)
+    def replay(self, inputs: tuple[Tensor, ...]) -> Tensor:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
         self.graph.replay()
         return self.losses
