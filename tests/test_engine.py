@@ -744,3 +744,40 @@ def test_batchnorm_and_train_classifier_are_checked_against_the_other_stage_flag
     issues = {issue.path: issue.message for issue in ibcore.validate(config)}
     assert issues["runs[0].stages[0].batchnorm"].startswith("applies only while the backbone is frozen")
     assert issues["runs[1].stages[0].train_classifier"].startswith("retrain_classifier trains a new classifier")
+
+
+class CountingSplit:
+    """A split read item by item (through the DataLoader path), counting the reads."""
+
+    def __init__(self, split: Any) -> None:
+        self.split, self.targets, self.reads = split, split.targets, 0
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Any:
+        self.reads += 1
+        return self.split[index]
+
+
+def test_the_runs_of_a_seed_read_the_test_split_once_per_evaluation(tmp_path: Path) -> None:
+    """With image files, reading is decoding: three runs must not decode the test set three times."""
+    counted: list[CountingSplit] = []
+
+    def counted_mnist(params: Any, context: Any) -> Any:
+        dataset = ibcore.build("dataset", "mnist_lt", {"imbalance_ratio": 100, "test_per_class": 20}, context=context)
+        dataset.test = CountingSplit(dataset.test)
+        counted.append(dataset.test)
+        return dataset
+
+    config = tiny_config(epochs=2)
+    config["data"]["dataset"] = {"name": "counted_mnist"}
+    config["runs"].append(
+        {"name": "bs", "loss": {"name": "balanced_softmax"}, "posthoc": [{"name": "posthoc_logit_adjustment"}]}
+    )
+    with ibcore.registry_snapshot():
+        ibcore.register_dataset("counted_mnist")(counted_mnist)
+        results = ibcore.run(config, out_dir=tmp_path, quiet=True)
+    (split,) = counted
+    assert split.reads == 2 * len(split)  # two evaluations (eval_every 1), each reading the 200 images once
+    assert {row["run"] for row in results.rows} >= {"ce", "focal", "bs"}

@@ -183,3 +183,45 @@ def test_crt_and_lws_stages_are_stacked_with_the_backbone_frozen(tmp_path: Path,
         assert moved - batchnorm == expected, name
         assert bool(batchnorm) == (name == "mislas"), name
     assert_runs_agree(fused, sequential)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["mixers", "adam", "frozen"])
+def test_real_cuda_graphs_replay_the_newly_fused_runs_like_kernel_by_kernel_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """On a GPU: the same experiments with real CUDA graphs against the CPU stand-in's control flow (each
+    "replay" launches the step anew); fp32 without TF32, so the two stay close (cuDNN may pick other kernels)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    crt = {"from_epoch": 1, "retrain_classifier": True, "sampler": {"name": "class_balanced"}}
+    runs = {
+        "mixers": [
+            {"name": "ce"},
+            {"name": "mixup", "mixer": {"name": "input_mixup", "params": {"prob": 0.5}}},
+            {"name": "cutmix", "mixer": {"name": "cutmix"}},
+            {"name": "remix", "mixer": {"name": "remix"}},
+        ],
+        "adam": [
+            {"name": "adam", "optimizer": {"name": "adam", "params": {"lr": 2e-3, "weight_decay": 1e-3}}},
+            {"name": "adamw", "optimizer": {"name": "adamw", "params": {"lr": 1e-3}}},
+        ],
+        "frozen": [
+            {"name": "crt", "stages": [crt]},
+            {"name": "crt_focal", "loss": {"name": "focal"}, "stages": [crt]},
+        ],
+    }[case]
+    config = config_with(runs)
+    config["defaults"]["optimizer"] = SGD
+    config["trainer"].update(device="cuda", fused="on")
+    graphed = make_trainer(config, tmp_path, "graphed")
+    graphed.fit()
+    log = (graphed.run_dir / "train.log").read_text()
+    assert "cannot be captured" not in log and "one after another" not in log and "trains on its own" not in log, log
+    assert graphed.fused_step is not None and graphed.fused_step.graph_replays > 0
+    eager = make_trainer(config, tmp_path, "eager", graph_runner=ReplayByRunning)
+    eager.fit()
+    for run in graphed.runs:
+        a, b = state_of(graphed, run.name), state_of(eager, run.name)
+        for key in a:
+            if a[key].is_floating_point():
+                torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=1e-3, msg=f"{run.name}: {key}")

@@ -221,6 +221,29 @@ class ArrayFileParams(Params):
         return data
 
 
+_DECODE_HELP = (
+    "'pil': each image opened with PIL and transformed by torchvision's transforms in a DataLoader worker (the "
+    "official code's loop); 'torchvision': JPEGs decoded by torchvision, on a CUDA device in batch (nvjpeg), "
+    "else in the workers, and cropped, resized and flipped as uint8 tensors (within a level or two of 'pil')"
+)
+_DECODE_DEVICE_HELP = (
+    "with decode 'torchvision': 'auto' decodes JPEGs on the training device when it is CUDA, else in the "
+    "DataLoader workers; 'cpu' always in the workers (e.g. when the GPU is the bottleneck)"
+)
+
+
+Decoder = Literal["pil", "torchvision"]
+DecodeDevice = Literal["auto", "cpu"]
+
+
+def _check_decode_device(decode: Decoder, decode_device: DecodeDevice) -> None:
+    if decode == "pil" and decode_device != "auto":
+        raise ValueError(
+            f"decode_device: {decode_device} applies to decode: torchvision only (PIL always decodes in the "
+            "DataLoader workers); set decode: torchvision, or leave decode_device out"
+        )
+
+
 class ImageListParams(Params):
     """Params of ``image_list``."""
 
@@ -233,10 +256,17 @@ class ImageListParams(Params):
     num_classes: int | None = Field(None, ge=2, description="number of classes (default: max label + 1)")
     image_size: int = Field(224, ge=8, description="side of the square crop fed to the network")
     augment: bool = Field(True, description="RandomResizedCrop + horizontal flip on the train split")
+    decode: Decoder = Field("pil", description=_DECODE_HELP)
+    decode_device: DecodeDevice = Field("auto", description=_DECODE_DEVICE_HELP)
 
     def num_classes_hint(self) -> int | None:
         """``num_classes`` when the config sets it (otherwise only the list files know)."""
         return self.num_classes
+
+    @model_validator(mode="after")
+    def _decode_device_needs_torchvision(self) -> ImageListParams:
+        _check_decode_device(self.decode, self.decode_device)
+        return self
 
 
 class ImageFolderParams(Params):
@@ -252,6 +282,13 @@ class ImageFolderParams(Params):
     )
     image_size: int = Field(224, ge=8, description="side of the square crop fed to the network")
     augment: bool = Field(True, description="RandomResizedCrop + horizontal flip on the train split")
+    decode: Decoder = Field("pil", description=_DECODE_HELP)
+    decode_device: DecodeDevice = Field("auto", description=_DECODE_DEVICE_HELP)
+
+    @model_validator(mode="after")
+    def _decode_device_needs_torchvision(self) -> ImageFolderParams:
+        _check_decode_device(self.decode, self.decode_device)
+        return self
 
 
 def _subset_seed(seed: int | None, context: BuildContext) -> int:
@@ -361,6 +398,8 @@ def build_image_list(params: ImageListParams, context: BuildContext) -> ImageDat
         num_classes=params.num_classes,
         image_size=params.image_size,
         augment=params.augment,
+        decode=params.decode,
+        decode_device=params.decode_device,
     )
 
 
@@ -379,6 +418,8 @@ def build_image_folder(params: ImageFolderParams, context: BuildContext) -> Imag
         val_dir=params.val_dir,
         image_size=params.image_size,
         augment=params.augment,
+        decode=params.decode,
+        decode_device=params.decode_device,
     )
 
 

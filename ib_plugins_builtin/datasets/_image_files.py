@@ -1,9 +1,10 @@
 """``image_list`` and ``image_folder``: large long-tailed sets (ImageNet-LT, iNaturalist, Places-LT) on disk.
 
-Only file names and labels are read when the dataset is built; images are decoded (with PIL, through
-torchvision's transforms) one at a time in ``__getitem__``. Augmentation is the standard ImageNet
-recipe: RandomResizedCrop + horizontal flip for training, Resize(size * 256/224) + CenterCrop for
-evaluation, both normalised with the ImageNet mean and std.
+Only file names and labels are read when the dataset is built; images are decoded when read: with PIL,
+through torchvision's transforms, one at a time in ``__getitem__`` (``decode: pil``), or by torchvision's
+decoders in DataLoader workers or in batch on the device (``decode: torchvision``, see ``_jpeg``).
+Augmentation is the standard ImageNet recipe (``_image_recipe``): RandomResizedCrop + horizontal flip for
+training, Resize(size * 256/224) + CenterCrop for evaluation, both normalised with the ImageNet mean and std.
 
 Paths and links. ``image_list``: a path in a list file is relative to ``root`` and must stay inside it
 (no ``..`` leading out of it; an absolute path only under ``root``, so ``root: /`` takes a list of
@@ -23,13 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ib_plugins_builtin.datasets._splits import ImageDataset, ImageFileSplit, count_classes
+from ib_plugins_builtin.datasets._image_recipe import ImageRecipe
+from ib_plugins_builtin.datasets._splits import DecodeDevice, Decoder, ImageDataset, ImageFileSplit, count_classes
 from ibcore import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,30 +39,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 LIST_LAYOUT = "one '<path relative to root> <integer label>' per line"
 
 
-def imagenet_transforms(image_size: int, augment: bool) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """(train, eval) torchvision transforms; without ``augment`` the train split gets the eval transform."""
-    from torchvision import transforms
-
-    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    evaluation = transforms.Compose(
-        [
-            transforms.Resize(round(image_size * 256 / 224)),  # 256 for the usual 224 crop
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            normalise,
-        ]
-    )
-    if not augment:
-        return evaluation, evaluation
-    training = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(image_size),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalise,
-        ]
-    )
-    return training, evaluation
+def imagenet_recipes(image_size: int, augment: bool) -> tuple[ImageRecipe, ImageRecipe]:
+    """(train, eval) recipes; without ``augment`` the train split gets the evaluation recipe."""
+    evaluation = ImageRecipe(image_size, random_crop=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return (dataclasses.replace(evaluation, random_crop=True) if augment else evaluation), evaluation
 
 
 def _require_dir(path: Path, what: str, layout: str) -> None:
@@ -171,6 +151,8 @@ def build_image_list(
     num_classes: int | None,
     image_size: int,
     augment: bool,
+    decode: Decoder = "pil",
+    decode_device: DecodeDevice = "auto",
 ) -> ImageDataset:
     """Splits from list files of ``relative/path label`` lines; ``num_classes`` defaults to max label + 1."""
     root_path = Path(root).expanduser()
@@ -188,17 +170,17 @@ def build_image_list(
         _check_labels(lists, num_classes)
     train_counts = count_classes(parsed["train"].labels, num_classes)
     _check_has_every_class(train_counts, f"train list {parsed['train'].path}")
-    train_transform, eval_transform = imagenet_transforms(image_size, augment)
+    train_recipe, eval_recipe = imagenet_recipes(image_size, augment)
 
-    def split(lists: ListFile, transform: Callable[[Any], Any]) -> ImageFileSplit:
+    def split(lists: ListFile, recipe: ImageRecipe) -> ImageFileSplit:
         paths = [str(root_path / relative) for relative in lists.relative_paths]
-        return ImageFileSplit(paths, lists.labels, num_classes, transform)
+        return ImageFileSplit(paths, lists.labels, num_classes, recipe, decode, decode_device)
 
     return ImageDataset(
         num_classes=num_classes,
-        train=split(parsed["train"], train_transform),
-        test=split(parsed["test"], eval_transform),
-        val=split(parsed["val"], eval_transform) if "val" in parsed else None,
+        train=split(parsed["train"], train_recipe),
+        test=split(parsed["test"], eval_recipe),
+        val=split(parsed["val"], eval_recipe) if "val" in parsed else None,
         class_names=None,
     )
 
@@ -307,7 +289,15 @@ def list_images(folder: Path, class_names: list[str], split_name: str) -> tuple[
 
 
 def build_image_folder(
-    *, root: str, train_dir: str, test_dir: str, val_dir: str | None, image_size: int, augment: bool
+    *,
+    root: str,
+    train_dir: str,
+    test_dir: str,
+    val_dir: str | None,
+    image_size: int,
+    augment: bool,
+    decode: Decoder = "pil",
+    decode_device: DecodeDevice = "auto",
 ) -> ImageDataset:
     """Splits from ``root/train/<class>/*``, ``root/test/<class>/*`` and optionally ``root/val/<class>/*``."""
     root_path = Path(root).expanduser()
@@ -326,18 +316,22 @@ def build_image_folder(
     num_classes = len(class_names)
     train_paths, train_labels = list_images(train_path, class_names, "train")
     _check_has_every_class(count_classes(train_labels, num_classes), f"train folder {train_path}", class_names)
-    train_transform, eval_transform = imagenet_transforms(image_size, augment)
+    train_recipe, eval_recipe = imagenet_recipes(image_size, augment)
+
+    def split(paths: list[str], labels: np.ndarray, recipe: ImageRecipe) -> ImageFileSplit:
+        return ImageFileSplit(paths, labels, num_classes, recipe, decode, decode_device)
+
     test_paths, test_labels = list_images(test_path, class_names, "test")
     if not test_paths:
         raise DataError(f"image_folder test folder {test_path} holds no images; {FOLDER_LAYOUT}.")
     val_split = None
     if val_path is not None:
         val_paths, val_labels = list_images(val_path, class_names, "val")
-        val_split = ImageFileSplit(val_paths, val_labels, num_classes, eval_transform)
+        val_split = split(val_paths, val_labels, eval_recipe)
     return ImageDataset(
         num_classes=num_classes,
-        train=ImageFileSplit(train_paths, train_labels, num_classes, train_transform),
-        test=ImageFileSplit(test_paths, test_labels, num_classes, eval_transform),
+        train=split(train_paths, train_labels, train_recipe),
+        test=split(test_paths, test_labels, eval_recipe),
         val=val_split,
         class_names=class_names,
     )

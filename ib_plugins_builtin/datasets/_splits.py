@@ -2,20 +2,23 @@
 
 Two kinds of split: :class:`TensorImageSplit` keeps uint8 images in memory and describes its
 augmentation as an :class:`ibcore.AugmentSpec` (so the engine can replay it on the device in batch);
-:class:`ImageFileSplit` holds file paths and decodes each image only when it is indexed.
+:class:`ImageFileSplit` holds file paths and decodes each image only when it is indexed (or, for
+``decode: torchvision``, offers the engine a batch reader that decodes in DataLoader workers or on the device).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ibcore import AugmentSpec, DataError
+from ib_plugins_builtin.datasets._image_recipe import ImageRecipe
+from ib_plugins_builtin.datasets._jpeg import ImageFileReader, open_rgb
+from ibcore import AugmentSpec
 
 
 def count_classes(targets: np.ndarray, num_classes: int) -> list[int]:
@@ -80,10 +83,16 @@ class TensorImageSplit:
         return f"TensorImageSplit(images={shape}, num_classes={self.num_classes}, augment={self.augment})"
 
 
-class ImageFileSplit:
-    """A split of image files opened lazily: only ``__getitem__`` decodes an image.
+Decoder = Literal["pil", "torchvision"]
+DecodeDevice = Literal["auto", "cpu"]
 
-    Images are converted to RGB and passed through ``transform`` (a torchvision transform).
+
+class ImageFileSplit:
+    """A split of image files opened lazily: only ``__getitem__`` (or a DataLoader worker) decodes an image.
+
+    Each image goes through ``recipe`` (:class:`ImageRecipe`). ``decode: pil`` opens it with PIL and runs
+    torchvision's transforms; ``decode: torchvision`` decodes JPEGs with torchvision, on the device in batch
+    when the engine trains on CUDA (``decode_device: auto``), and runs the recipe on uint8 tensors (``_jpeg``).
     """
 
     def __init__(
@@ -91,32 +100,44 @@ class ImageFileSplit:
         paths: Sequence[str],
         targets: np.ndarray,
         num_classes: int,
-        transform: Callable[[Any], torch.Tensor],
+        recipe: ImageRecipe,
+        decode: Decoder = "pil",
+        decode_device: DecodeDevice = "auto",
     ) -> None:
         self.paths = list(paths)
         self.num_classes = num_classes
         self.targets = np.ascontiguousarray(targets, dtype=np.int64)
         self.class_counts = count_classes(self.targets, num_classes)
-        self.transform = transform
+        self.recipe = recipe
+        self.decode = decode
+        self.decode_device = decode_device
+        self.transform = recipe.pil_transform()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
+        """The normalised image and its label; random draws from torch's global generator (as transforms')."""
+        if self.decode == "pil":
+            return self.transform(open_rgb(self.paths[index], index)), int(self.targets[index])
+        crop = self.batch_reader(torch.device("cpu")).decoded_item(index, None)
+        return self.recipe.normalise(crop[None])[0], int(self.targets[index])
 
-        path = self.paths[index]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"Image file {path} (item {index} of this split) does not exist.") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"Image file {path} (item {index} of this split) cannot be decoded: {exc}") from exc
-        return self.transform(image), int(self.targets[index])
+    def batch_reader(self, device: torch.device) -> ImageFileReader | None:
+        """How the engine's DataLoader reads this split for training on ``device`` (None: ``split[i]``, for PIL)."""
+        if self.decode == "pil":
+            return None
+        on_gpu = device.type == "cuda"
+        return ImageFileReader(
+            self.paths,
+            self.targets,
+            self.recipe,
+            decode_on_device=on_gpu and self.decode_device == "auto",
+            normalise_on_device=on_gpu,
+        )
 
     def __repr__(self) -> str:
-        return f"ImageFileSplit(images={len(self.paths)}, num_classes={self.num_classes})"
+        return f"ImageFileSplit(images={len(self.paths)}, num_classes={self.num_classes}, decode={self.decode!r})"
 
 
 @dataclasses.dataclass

@@ -162,7 +162,11 @@ class DataConfig(_Strict):
         128, ge=1, le=1 << 20, description="Training batch size; the global batch under torchrun data_parallel."
     )
     eval_batch_size: int | None = Field(None, ge=1, le=1 << 20, description="Defaults to 2 x batch_size.")
-    num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers (datasets not kept on the device).")
+    num_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
+        0,
+        description="DataLoader workers (datasets not kept on the device); 'auto': one per CPU this process may use, "
+        "at most 8 (CPUs shared among the processes torchrun starts on a node).",
+    )
     drop_last: bool = Field(False, description="Drop the last incomplete training batch of each epoch.")
 
 

@@ -2,14 +2,17 @@
 
 A split that offers ``tensors()`` and an :class:`~ibcore.AugmentSpec` lives on the device as uint8;
 its random crop, flip and normalisation run there per sample, in batch. Larger splits keep the
-DataLoader path with workers.
+DataLoader path with workers (persistent across epochs), read through the split's :class:`BatchReader`
+when it offers one (``image_list`` / ``image_folder`` with ``decode: torchvision`` decode on the device).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -135,13 +138,104 @@ class DeviceData:
             yield crop_and_flip(images, self.augment, generator, train, shard), self.labels[chunk], images
 
 
+class BatchReader(Protocol):
+    """How a split is read through the DataLoader: ``item`` and ``collate`` in the workers, ``to_device`` here.
+
+    A split offers one with ``batch_reader(device) -> BatchReader | None`` (None, or no such method: the
+    default, :class:`SplitItems`). Every random draw of ``item`` must come from its ``seed``: that makes a
+    batch a function of the sampler's order and the epoch's generator only, whatever the number of workers.
+    """
+
+    #: whether batches are worth copying to page-locked memory for a CUDA device
+    pin_memory: bool
+    #: batches each worker keeps ready
+    prefetch_factor: int
+
+    def item(self, index: int, seed: int) -> Any: ...
+
+    def collate(self, items: list[Any]) -> Any: ...
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor]: ...
+
+
+class SplitItems:
+    """The default :class:`BatchReader`: ``split[index]`` with torch's, numpy's and Python's global generators
+    seeded by the sample's seed (what torchvision's transforms draw from), collated by torch."""
+
+    pin_memory = True
+    prefetch_factor = 2
+
+    def __init__(self, split: Any) -> None:
+        self.split = split
+
+    def item(self, index: int, seed: int) -> Any:
+        with _global_generators_seeded(seed):
+            return self.split[index]
+
+    def collate(self, items: list[Any]) -> Any:
+        return torch.utils.data.default_collate(items)
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        return x.to(device, non_blocking=True), torch.as_tensor(y).to(device, dtype=torch.long)
+
+
+@contextlib.contextmanager
+def _global_generators_seeded(seed: int) -> Iterator[None]:
+    """The global generators seeded with ``seed``; in the training process (no workers) restored afterwards,
+    so reading data never moves the stream dropout and the model draw from."""
+    in_worker = torch.utils.data.get_worker_info() is not None
+    saved = None if in_worker else (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+
+class _ReaderItems(torch.utils.data.Dataset[Any]):
+    """The DataLoader's dataset: a ``(index, seed)`` key read by the :class:`BatchReader`."""
+
+    def __init__(self, reader: BatchReader) -> None:
+        self.reader = reader
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.reader.item(*key)
+
+
+class _PassBatches:
+    """The batch sampler of a persistent DataLoader: the batches of the pass under way, set before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class LoaderData:
-    """A split read through a DataLoader (images decoded and augmented by the dataset, in workers)."""
+    """A split read through a DataLoader, its images decoded in workers (or, as the split's reader says, on
+    the device).
+
+    Workers persist across epochs: each pass hands an idle DataLoader its batches. Passes that run at the
+    same time (the seeds of a lane share one split and step in lockstep) each take a DataLoader of their own.
+    """
 
     def __init__(self, split: Any, device: torch.device, num_workers: int) -> None:
         self.split = split
         self.device = device
         self.num_workers = num_workers
+        offered = split.batch_reader(device) if callable(getattr(split, "batch_reader", None)) else None
+        self.reader: BatchReader = offered if offered is not None else SplitItems(split)
+        self._idle: list[torch.utils.data.DataLoader[Any]] = []
 
     def __len__(self) -> int:
         return len(self.split)
@@ -155,28 +249,50 @@ class LoaderData:
         drop_last: bool,
         shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches of ``order``; the dataset's own transforms augment (``shard`` is not used: their
-        random draws come from the DataLoader's generator, which a distributed run seeds per rank)."""
-        batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        """Batches of ``order``; each sample's random draws are seeded from ``generator`` (None, for evaluation:
+        by its index). The split's own transforms augment, so ``shard`` is not used: a distributed run seeds
+        ``generator`` per rank."""
+        indices = np.asarray(order, dtype=np.int64).tolist()
+        if generator is not None:
+            seeds = torch.randint(0, 2**62, (len(indices),), generator=generator, device=generator.device).tolist()
+        else:
+            seeds = indices
+        keys = list(zip(indices, seeds, strict=True))
+        batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
         if drop_last and batches and len(batches[-1]) < batch_size:
             batches.pop()
-        loader = torch.utils.data.DataLoader(
-            self.split,
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            generator=generator if generator is not None and generator.device.type == "cpu" else None,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
+        if not batches:
+            return
+        loader = self._idle.pop() if self._idle else self._loader()
+        loader.batch_sampler.batches = batches  # type: ignore[union-attr]
         iterator = iter(loader)
         while True:
             try:
-                x, y = next(iterator)
+                batch = next(iterator)
             except StopIteration:
+                self._idle.append(loader)
                 return
-            except IbError as exc:
+            except IbError as exc:  # the loader is dropped: its workers end with it
                 raise _without_worker_traceback(exc) from None
-            yield x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, dtype=torch.long)
+            try:
+                yield self.reader.to_device(batch, self.device)
+            except GeneratorExit:  # the consumer stopped early (a smoke run): the next pass resets the loader
+                self._idle.append(loader)
+                raise
+
+    def _loader(self) -> torch.utils.data.DataLoader[Any]:
+        workers = self.num_workers
+        return torch.utils.data.DataLoader(
+            _ReaderItems(self.reader),
+            batch_sampler=_PassBatches(),
+            num_workers=workers,
+            collate_fn=self.reader.collate,
+            pin_memory=self.device.type == "cuda" and self.reader.pin_memory,
+            persistent_workers=workers > 0,
+            prefetch_factor=self.reader.prefetch_factor if workers > 0 else None,
+            # its own generator (the workers' base seed): starting a pass draws nothing from torch's global one
+            generator=torch.Generator().manual_seed(0),
+        )
 
 
 def _without_worker_traceback(exc: IbError) -> IbError:

@@ -67,13 +67,17 @@ class Evaluation:
     def measure_runs(
         self, runs: list[RunState], data: dict[int, SeedData]
     ) -> dict[str, list[tuple[str, str, dict[str, Any]]]]:
-        """Per run: ``(split, variant, metrics)`` on its seed's test split, and validation split if any."""
-        results = {}
-        for run in runs:
-            splits = data[run.seed]
-            results[run.name] = [("test", v, m) for v, m in self.measure(run, splits.test).items()]
-            if splits.val is not None:
-                results[run.name] += [("val", v, m) for v, m in self.measure(run, splits.val).items()]
+        """Per run: ``(split, variant, metrics)`` on its seed's test split, and validation split if any. The runs
+        of one seed read each split once together (a split read from image files is decoded once, not per run)."""
+        results: dict[str, list[tuple[str, str, dict[str, Any]]]] = {run.name: [] for run in runs}
+        for seed in dict.fromkeys(run.seed for run in runs):
+            together = [run for run in runs if run.seed == seed]
+            splits = data[seed]
+            for split, name in ((splits.test, "test"), (splits.val, "val")):
+                if split is None:
+                    continue
+                for run, variants in zip(together, self.measure_together(together, split), strict=True):
+                    results[run.name] += [(name, v, m) for v, m in variants.items()]
         return results
 
     def record(
@@ -100,35 +104,52 @@ class Evaluation:
 
     @torch.no_grad()
     def measure(self, run: RunState, data: DeviceData | LoaderData) -> dict[str, dict[str, Any]]:
-        """Metrics of ``run`` on ``data``: raw, and with each post-hoc adjustment of the run.
+        """Metrics of ``run`` on ``data``: raw, and with each post-hoc adjustment of the run."""
+        return self.measure_together([run], data)[0]
+
+    @torch.no_grad()
+    def measure_together(self, runs: list[RunState], data: DeviceData | LoaderData) -> list[dict[str, dict[str, Any]]]:
+        """Per run of ``runs`` (in order), its metrics on ``data``: raw, and with each post-hoc adjustment. Each
+        batch of ``data`` is read once and goes through every run's model.
 
         Under data_parallel each rank computes the logits of its own contiguous block of ``data``;
         the blocks are gathered in order, so every rank's evaluators see the whole split once, in the
         same batches as a single process.
         """
-        variants: Variants = {run.name: (None, self.evaluators(run))}
-        for spec in run.config.posthoc:
-            adjustment = build("adjustment", spec.name, spec.params, context=run.context)
-            variants[run.repeat.variant(spec.name)] = (adjustment, self.evaluators(run))
-        model = run.model
-        model.eval()
+        all_variants = [self._variants(run) for run in runs]
+        for run in runs:
+            run.model.eval()
         batch_size = self.experiment.data.batch_size
         eval_batch = self.experiment.data.eval_batch_size or 2 * batch_size
         if not self.dist.splits_batches:
             order = np.arange(len(data) if self.smoke is None else min(len(data), self.smoke * eval_batch))
-            for outputs, y in self._variant_logits(model, variants, data, order, eval_batch):
-                for name, (_, evaluators) in variants.items():
-                    for evaluator in evaluators:
-                        evaluator.update(outputs[name], y)
+            for x, y in data.iterate(order, eval_batch, None, False, False):
+                for run, variants in zip(runs, all_variants, strict=True):
+                    outputs = self._outputs(run.model, variants, x)
+                    for name, (_, evaluators) in variants.items():
+                        for evaluator in evaluators:
+                            evaluator.update(outputs[name], y)
         else:
-            self._measure_sharded(model, variants, data, eval_batch)
-        results = {}
-        for name, (_, evaluators) in variants.items():
-            merged: dict[str, Any] = {}
-            for evaluator in evaluators:
-                merged.update(evaluator.compute())
-            results[name] = merged
-        return results
+            for run, variants in zip(runs, all_variants, strict=True):
+                self._measure_sharded(run.model, variants, data, eval_batch)
+        measured = []
+        for variants in all_variants:
+            results = {}
+            for name, (_, evaluators) in variants.items():
+                merged: dict[str, Any] = {}
+                for evaluator in evaluators:
+                    merged.update(evaluator.compute())
+                results[name] = merged
+            measured.append(results)
+        return measured
+
+    def _variants(self, run: RunState) -> Variants:
+        """The run's raw evaluators and those of each of its post-hoc adjustments."""
+        variants: Variants = {run.name: (None, self.evaluators(run))}
+        for spec in run.config.posthoc:
+            adjustment = build("adjustment", spec.name, spec.params, context=run.context)
+            variants[run.repeat.variant(spec.name)] = (adjustment, self.evaluators(run))
+        return variants
 
     def _measure_sharded(
         self, model: nn.Module, variants: Variants, data: DeviceData | LoaderData, eval_batch: int
@@ -156,12 +177,15 @@ class Evaluation:
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Per batch of ``order``: the logits of every variant (raw or post-hoc adjusted) and the targets."""
         for x, y in data.iterate(order, batch_size, None, False, False):
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                features = model.features(x)  # type: ignore[operator]
-                logits = model.classifier(features)  # type: ignore[operator]
-            features, logits = features.float(), logits.float()
-            outputs = {
-                name: logits if adjustment is None else adjustment(model, features, logits)
-                for name, (adjustment, _) in variants.items()
-            }
-            yield outputs, y
+            yield self._outputs(model, variants, x), y
+
+    def _outputs(self, model: nn.Module, variants: Variants, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits of every variant (raw or post-hoc adjusted) of ``model`` on ``x``."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            features = model.features(x)  # type: ignore[operator]
+            logits = model.classifier(features)  # type: ignore[operator]
+        features, logits = features.float(), logits.float()
+        return {
+            name: logits if adjustment is None else adjustment(model, features, logits)
+            for name, (adjustment, _) in variants.items()
+        }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -68,6 +68,22 @@ def load_data(
     return dict.fromkeys(seeds, shared)
 
 
+#: ``num_workers: auto`` starts at most this many workers per training process, so a many-core node does not
+#: start dozens of processes per split (each holds a copy of the file list and its prefetched batches)
+AUTO_WORKERS_CAP = 8
+
+
+def loader_workers(setting: int | Literal["auto"]) -> int:
+    """DataLoader workers for ``data.num_workers``: the number given, or for ``auto`` one per CPU this process
+    may run on (its affinity; torchrun's ``LOCAL_WORLD_SIZE`` processes on a node share them), at most
+    :data:`AUTO_WORKERS_CAP`."""
+    if setting != "auto":
+        return setting
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(usable // processes, AUTO_WORKERS_CAP))
+
+
 def _build(experiment: Experiment, seed: int, device: torch.device, base: BuildContext) -> SeedData:
     spec = experiment.data.dataset
     context = base.replace(seed=seed)
@@ -82,7 +98,7 @@ def _build(experiment: Experiment, seed: int, device: torch.device, base: BuildC
     empty = [c for c, n in enumerate(counts) if n == 0]
     if empty:
         raise DataError(f"dataset {spec.name!r}: classes {empty} have no training images")
-    mode, workers = experiment.trainer.data_on_device, experiment.data.num_workers
+    mode, workers = experiment.trainer.data_on_device, loader_workers(experiment.data.num_workers)
     where = f"the {{}} split of dataset {spec.name!r}"
     val: Any = getattr(dataset, "val", None)
     return SeedData(
