@@ -12,14 +12,15 @@
 #
 #   bash benchmarks/gpu_session.sh
 #
-# Steps, in order, each under its own `timeout` (the limits add up to 495 s, 516 s with the kill grace), each run
+# Steps, in order, each under its own `timeout` (the limits add up to 525 s, 549 s with the kill grace), each run
 # whether or not the one before it failed:
 #   1. environment: nvidia-smi, python, torch and CUDA versions;
 #   2. install: ibcore's dependencies from .whl/ when python3 lacks them, ibcore itself (entry points need an
 #      installed distribution);
 #   3. K scan, plain scenario: K = 1, 8, 16, 32, 64, one timed epoch, fused path only;
 #   4-6. the mixers, adam and crt scenarios at K = 8: plain loops and the fused path;
-#   7. benchmarks/jpeg_pipeline.py --device cuda --images 2000, if that file exists.
+#   7. benchmarks/jpeg_pipeline.py --device cuda --images 2000;
+#   8. benchmarks/stacked_update.py: the fused optimizer update, per parameter against flat, for each K.
 # Everything printed goes to $OUT/session.log, each benchmark's numbers to $OUT/throughput_<step>.json (written after
 # every measurement, so a step stopped by its timeout keeps what it measured), jpeg_pipeline.py's to
 # $OUT/jpeg_pipeline.json when it takes --json. At most 8 files come back from $OUT: this script writes 6.
@@ -132,15 +133,9 @@ step mixers 75 "$python" "${benchmark[@]}" --scenario mixers "${scenario_options
 step adam 60 "$python" "${benchmark[@]}" --scenario adam "${scenario_options[@]}" --json "$OUT/throughput_adam.json"
 step crt 70 "$python" "${benchmark[@]}" --scenario crt "${scenario_options[@]}" --json "$OUT/throughput_crt.json"
 
-if [ -f benchmarks/jpeg_pipeline.py ]; then
-  jpeg_json=()
-  if grep -q '"--json"' benchmarks/jpeg_pipeline.py; then # another person's script, still changing
-    jpeg_json=(--json "$OUT/jpeg_pipeline.json")
-  fi
-  step jpeg_pipeline 50 "$python" benchmarks/jpeg_pipeline.py --device "$device" --images 2000 \
-    ${jpeg_json[@]+"${jpeg_json[@]}"}
-else
-  echo "=== jpeg_pipeline: benchmarks/jpeg_pipeline.py is not there; skipped" | tee -a "$log"
-fi
+step jpeg_pipeline 50 "$python" benchmarks/jpeg_pipeline.py --device "$device" --images 2000 \
+  --json "$OUT/jpeg_pipeline.json"
+# The fused update, parameter by parameter against one flat update (milliseconds and operators per K).
+step stacked_update 30 "$python" benchmarks/stacked_update.py --device "$device" --runs "$kscan_runs"
 echo "=== session done after $((SECONDS - session_started)) s; files in $OUT:" | tee -a "$log"
 ls -l "$OUT" | tee -a "$log"

@@ -30,12 +30,16 @@ def config_with(runs: list[dict[str, Any]], epochs: int = 3) -> dict[str, Any]:
     return config
 
 
-def train_both(config: dict[str, Any], tmp_path: Path, graphs: bool = True) -> tuple[Trainer, Trainer, str]:
-    """The experiment trained fused (through the graph stand-in with ``graphs``) and sequentially; and the fused
-    trainer's log."""
+def train_both(
+    config: dict[str, Any], tmp_path: Path, graphs: bool = True, flat: bool = True
+) -> tuple[Trainer, Trainer, str]:
+    """The experiment trained fused (through the graph stand-in with ``graphs``; with the flat update, as on a
+    GPU, with ``flat``) and sequentially; and the fused trainer's log."""
     ReplayByRunning.captured = 0
     options = {"graph_runner": ReplayByRunning} if graphs else {}
     fused = make_trainer({**config, "trainer": {**config["trainer"], "fused": "on"}}, tmp_path, "fused", **options)
+    assert fused.fused_step is not None
+    fused.fused_step.flat_updates = flat
     sequential = make_trainer({**config, "trainer": {**config["trainer"], "fused": "off"}}, tmp_path, "sequential")
     fused.fit()
     sequential.fit()
@@ -118,9 +122,9 @@ def test_a_mixer_with_its_own_mix_is_stacked_but_not_replayed(tmp_path: Path, fl
     assert_runs_agree(fused, sequential)
 
 
-@pytest.mark.parametrize("graphs", [True, False])
+@pytest.mark.parametrize(("graphs", "flat"), [(True, True), (False, False)])
 def test_adam_and_adamw_runs_are_stacked_with_their_own_hyperparameters(
-    tmp_path: Path, float64: None, graphs: bool
+    tmp_path: Path, float64: None, graphs: bool, flat: bool
 ) -> None:
     """Adam (L2) and AdamW (decoupled) in one group, each with its own lr, betas, eps and weight decay, a
     per-iteration warm-up, biases without weight decay, and a stage that starts a fresh AdamW; SGD runs in a
@@ -140,11 +144,38 @@ def test_adam_and_adamw_runs_are_stacked_with_their_own_hyperparameters(
             {"name": "sgd_b", "optimizer": SGD, "loss": {"name": "focal"}},
         ]
     )
-    fused, sequential, log = train_both(config, tmp_path, graphs=graphs)
+    fused, sequential, log = train_both(config, tmp_path, graphs=graphs, flat=flat)
     assert "3 runs stacked (adam, adamw, restart)" in log and "2 runs stacked (sgd_a, sgd_b)" in log
     assert "trains on its own" not in log
+    assert fused.fused_step is not None
     if graphs:
-        assert fused.fused_step is not None and fused.fused_step.graph_replays > 0
+        assert fused.fused_step.graph_replays > 0
+    # with flat updates (a GPU's default), after each group's first step gradients go to one flat buffer and the
+    # update runs over all of it; otherwise (a CPU's default) it stays parameter by parameter
+    assert all(group.optimizer.flat == flat for group in fused.fused_step.kept)
+    assert_runs_agree(fused, sequential)
+
+
+def test_a_parameter_without_a_gradient_keeps_the_update_parameter_by_parameter(tmp_path: Path, float64: None) -> None:
+    """torch.optim skips a parameter that got no gradient (no weight decay, no momentum); the flat update would
+    not, so a group whose first step leaves one without a gradient keeps updating parameter by parameter."""
+    import ibcore
+
+    def with_spare(params: Any, context: Any) -> torch.nn.Module:
+        model = ibcore.build("backbone", "small_cnn", {}, context=context)
+        model.register_parameter("spare", torch.nn.Parameter(torch.ones(3)))  # never used in forward
+        return model
+
+    config = config_with([{"name": "ce"}, {"name": "focal", "loss": {"name": "focal"}}], epochs=2)
+    config["defaults"]["backbone"] = {"name": "with_spare"}
+    config["defaults"]["optimizer"] = SGD
+    with ibcore.registry_snapshot():
+        ibcore.register_backbone("with_spare")(with_spare)
+        fused, sequential, log = train_both(config, tmp_path, graphs=False)
+    assert "2 runs stacked (ce, focal)" in log
+    assert fused.fused_step is not None and not any(g.optimizer.flat for g in fused.fused_step.kept)
+    for run in fused.runs:
+        assert torch.equal(run.model.get_parameter("spare"), torch.ones(3))
     assert_runs_agree(fused, sequential)
 
 
@@ -243,11 +274,14 @@ def test_a_resumed_fused_experiment_ends_where_the_uninterrupted_one_ends(tmp_pa
     )
     config["trainer"]["fused"] = "on"
     full = make_trainer(config, tmp_path, "full", graph_runner=ReplayByRunning)
-    full.fit()
     partial = make_trainer(config, tmp_path, "partial", graph_runner=ReplayByRunning)
     partial.epochs = 2  # stopped, as if killed after the checkpoint of epoch 2
-    partial.fit()
     resumed = Trainer(load_experiment(config), partial.run_dir, quiet=True, graph_runner=ReplayByRunning)
+    for trainer in (full, partial, resumed):
+        assert trainer.fused_step is not None
+        trainer.fused_step.flat_updates = True  # as on a GPU
+    full.fit()
+    partial.fit()
     resumed.restore(load_latest(partial.run_dir / "checkpoints"))
     resumed.fit()
     log = (resumed.run_dir / "train.log").read_text()

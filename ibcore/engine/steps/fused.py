@@ -95,6 +95,7 @@ class _Group:
         assert family is not None, "regroup stacks only runs with a stacked update"
         trainable = {name: p for name, p in self.params.items() if p.requires_grad}
         self.optimizer = stacked_optimizer(family, runs, trainable)  # type: ignore[arg-type]
+        self.params.update(self.optimizer.params)  # the trainable parameters now live in the optimizer's buffer
         device = self.params[next(iter(self.params))].device
         # Learning rates (parameter, run) live in a device tensor that each step refills without a host sync,
         # so a CUDA graph of the step reads the current values.
@@ -180,6 +181,9 @@ class FusedStep:
         self.graph_runner = graph_runner or CapturedStep
         self.max_runs = max_runs  # trainer.fused_max_runs: None sizes groups by the device's free memory
         self.memory_budget: Callable[[torch.device], int | None] = free_device_memory  # bytes; a test sets its own
+        # One flat update over all parameters launches ~80x fewer kernels, which pays on a GPU; on a CPU the
+        # per-parameter update is faster (no full-size temporaries: benchmarks/stacked_update.py). Tests set it.
+        self.flat_updates = device_type == "cuda"
         self._step_memory: dict[tuple[Any, ...], StepMemory] = {}  # measured once per architecture and input
         self._limits: dict[tuple[Any, ...], int] = {}  # the most runs one group may stack, per _size_key
         self.groups: list[_Group] = []
@@ -368,7 +372,7 @@ class FusedStep:
         k = len(group.runs)
         x, _ = _group_batch(group, batches)
         budget = self.memory_budget(x.tensor.device) if k > 1 or self.max_runs is not None else None
-        limit = self.max_runs or k
+        limit = self.max_runs  # None: no cap known
         if budget is not None:
             memory = self._memory_of(group, x)
             batch_size = len(x.of(0))
@@ -390,10 +394,12 @@ class FusedStep:
                     f"[yellow]fused path: even one run's step may not fit ({estimate}): the runs step one by one; "
                     "lower data.batch_size if they run out of memory[/yellow]"
                 )
-            limit = min(limit, max(fits, 1))
+            limit = max(fits, 1) if limit is None else min(limit, max(fits, 1))
             if limit < k:
                 self.log_once(f"fused path: {need} would need {describe(memory.group(k, batch_size))} ({estimate})")
-        self._limits[_size_key(group.runs[0])] = limit
+        if limit is None:
+            return [group]
+        self._limits[_size_key(group.runs[0])] = limit  # what fits, for the groups of later epochs
         if limit >= k:
             return [group]
         members = _even_parts(group.runs, limit)
@@ -440,6 +446,10 @@ class FusedStep:
             )
             return None
         group.verified = True
+        if self.flat_updates:
+            # The trial step showed which parameters get gradients: when all do, they accumulate into one flat
+            # buffer from now on and the update is a few kernels over all of it (see stacked_optim).
+            group.optimizer.use_flat_gradients()
         return losses
 
     def _step_group(self, group: _Group, x: _Batch, y: _Batch) -> dict[str, Tensor]:
@@ -527,8 +537,7 @@ class FusedStep:
                 group.graph = self.graph_runner(step, inputs)
             except RuntimeError as exc:  # e.g. a loss that reads a value back to the host
                 group.capture_failed = True
-                for parameter in group.params.values():
-                    parameter.grad = None  # capture does not run kernels: nothing else has changed
+                group.optimizer.clear_gradients()  # capture does not run kernels: nothing else has changed
                 if len(group.runs) == 1:
                     self.ungraphable.add(group.runs[0].name)
                 reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
