@@ -103,11 +103,6 @@ class Evaluation:
             display.log(f"epoch {completed}: test {escape(what)} " + " ".join(summary))
 
     @torch.no_grad()
-    def measure(self, run: RunState, data: DeviceData | LoaderData) -> dict[str, dict[str, Any]]:
-        """Metrics of ``run`` on ``data``: raw, and with each post-hoc adjustment of the run."""
-        return self.measure_together([run], data)[0]
-
-    @torch.no_grad()
     def measure_together(self, runs: list[RunState], data: DeviceData | LoaderData) -> list[dict[str, dict[str, Any]]]:
         """Per run of ``runs`` (in order), its metrics on ``data``: raw, and with each post-hoc adjustment. Each
         batch of ``data`` is read once and goes through every run's model.

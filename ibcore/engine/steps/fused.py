@@ -457,20 +457,16 @@ class FusedStep:
         plans = _draw_plans(group, x, y)
         group.load_lrs()
         mixes = any(p is not None for p in plans)
-        inputs: tuple[Tensor, ...] = (x.tensor, y.tensor)
-        if mixes:
-            inputs += plan_tensors(plans, len(y.of(0)), x.tensor).as_tuple()
-        losses: Any
-        if (
-            self.graphs
-            and not (group.eager_only or group.capture_failed)
-            and (group.graph is None or group.graph.fits(inputs))
-        ):
-            losses = self._graph_step(group, x.shared, y.shared, inputs)
-        elif mixes:
-            losses = self._mixed_step(group, x, y, plans)
-        else:
-            losses = self._plain_step(group, x, y)
+        losses: Any = None
+        if self.graphs and not (group.eager_only or group.capture_failed):
+            # The plans travel to the graph as tensors; the eager steps below use them as they are.
+            inputs: tuple[Tensor, ...] = (x.tensor, y.tensor)
+            if mixes:
+                inputs += plan_tensors(plans, len(y.of(0)), x.tensor).as_tuple()
+            if group.graph is None or group.graph.fits(inputs):
+                losses = self._graph_step(group, x.shared, y.shared, inputs)
+        if losses is None:
+            losses = self._mixed_step(group, x, y, plans) if mixes else self._plain_step(group, x, y)
         return {run.name: losses[k] for k, run in enumerate(group.runs)}
 
     def _autocast(self) -> Any:
